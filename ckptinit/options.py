@@ -1,0 +1,63 @@
+"""Option objects shared by the library stages; the CLI builds exactly one of each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+WEIGHT_DRAWS = ("keep", "gaussian", "orthogonal", "pca", "kmeans")
+
+
+@dataclass
+class RescaleOptions:
+    """What `ckptinit.rescale` does. `None` means: decide from the source (DESIGN 1.3)."""
+
+    within: bool | None = None  # None: within-layer step for fresh units only
+    between: bool = True
+    weights: str | None = None  # None: gaussian for fresh units, keep for loaded ones
+    beta: float = 0.1
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    patch_budget: int = 65536  # patches per unit for pca/kmeans draws
+    # between-layer step
+    grad_batches: int = 4
+    damping: float = 1.0
+    tol: float = 0.01
+    iters: int = 10
+    allow_function_change: bool = False
+    function_tol: float = 1e-4
+
+
+@dataclass
+class SourceOptions:
+    """How a SOURCE becomes a model."""
+
+    arch: str | None = None
+    num_classes: int | None = None
+    model_args: dict = field(default_factory=dict)
+    trust_pickle: bool = False
+    use_ema: bool = False
+    strip_prefix: list[str] = field(default_factory=list)
+    key_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationOptions:
+    """Where calibration images come from and how they are preprocessed."""
+
+    data: str = "samples"
+    images: int = 64
+    holdout: int = 16  # extra images never used for fitting, for checks
+    seed: int = 0
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    image_column: str | None = None
+    token: str | None = None
+    shuffle_buffer: int = 1000
+    input_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    workers: int | None = None
