@@ -1,0 +1,184 @@
+"""The library entry points: `rescale` and `measure` on any nn.Module and a tensor of images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import UsageError
+from .options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
+from .report import RunReport, UnitRecord
+from .units import is_unit, scan_units
+from .within import normalize_within_
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use cpu.")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"Unknown device '{device}'; use auto, cpu or cuda.") from e
+
+
+def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise UsageError(f"Calibration images must be a non-empty (N, C, H, W) tensor, got "
+                         f"{tuple(images.shape)}.")
+    return [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
+
+
+def rescale(
+    model: nn.Module,
+    images: torch.Tensor,
+    options: RescaleOptions | None = None,
+    *,
+    fresh: Iterable[str] | None = None,
+    holdout: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, RunReport]:
+    """Data-dependent initialisation of `model` in place; returns the model and the report.
+
+    `fresh` names the units (module names) whose weights are new rather than loaded; None
+    means every unit is fresh, as for a model just built. By default (DESIGN 1.3) fresh
+    units get a Gaussian draw and the within-layer step, loaded units keep their weights.
+    `holdout` images (never used for fitting) serve the checks; without them the
+    calibration images are used.
+    """
+    options = options or RescaleOptions()
+    if options.weights is not None and options.weights not in WEIGHT_DRAWS:
+        raise UsageError(f"Unknown --weights '{options.weights}'; use one of {WEIGHT_DRAWS}.")
+    device = resolve_device(options.device)
+    note = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    model.to(device)
+    batches = _batches(images, options.batch_size, device)
+    scan = scan_units(model, batches[0][:2])
+    fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
+    report = RunReport(
+        version=__version__, command="rescale", options=asdict(options),
+        never_called=scan.never_called,
+    )
+    report.units = [
+        UnitRecord(name=u.name, kind=u.kind, shape=u.shape, calls=u.calls) for u in scan.units
+    ]
+    records = {r.name: r for r in report.units}
+    report.timings["scan"] = time.perf_counter() - t0
+
+    if options.within is None:
+        targets = {u.name for u in scan.units if u.name in fresh_set}
+    else:
+        targets = {u.name for u in scan.units} if options.within else set()
+    draws = {
+        n: options.weights or ("gaussian" if n in fresh_set else "keep") for n in targets
+    }
+    for name in fresh_set & set(records):
+        records[name].note = "fresh"
+    if targets:
+        t = time.perf_counter()
+        note(f"within-layer step on {len(targets)} units")
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+
+        def draw_fn(module, x, method):
+            from .draws import draw_weight_
+
+            return draw_weight_(module, x, method, generator, options.patch_budget)
+
+        result = normalize_within_(
+            model, scan, batches, records, targets=targets, draws=draws, beta=options.beta,
+            draw_fn=draw_fn,
+        )
+        report.within_passes = result.passes
+        report.notes.append(
+            f"within-layer: {len(targets)} units normalised in {result.passes} forward pass(es); "
+            f"{result.batchnorms_reestimated} BatchNorm layers re-estimated"
+        )
+        report.timings["within"] = time.perf_counter() - t
+    else:
+        report.notes.append("within-layer step skipped")
+    if scan.never_called:
+        report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
+                            f"pass, left as they are: {', '.join(scan.never_called[:5])}")
+    report.timings["total"] = time.perf_counter() - t0
+    return model, report
+
+
+def rescale_checkpoint(
+    source: str,
+    output: str | Path,
+    *,
+    options: RescaleOptions | None = None,
+    source_options: SourceOptions | None = None,
+    calib_options: CalibrationOptions | None = None,
+    force: bool = False,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> RunReport:
+    """SOURCE -> calibration images -> `rescale` -> safetensors file with provenance."""
+    from .calib import load_calibration
+    from .checkpoint import check_output, save_checkpoint
+    from .source import load_source
+
+    options = options or RescaleOptions()
+    calib_options = calib_options or CalibrationOptions()
+    step = progress or (lambda stage, done, total: None)
+    check_output(output, force)  # refuse before any work
+    step("loading model", 0, None)
+    loaded = load_source(source, source_options or SourceOptions())
+    calib = load_calibration(
+        loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
+    )
+    fresh = None
+    if loaded.pretrained:
+        fresh = {
+            name for name, m in loaded.model.named_modules()
+            if is_unit(m) and f"{name}.weight" not in loaded.loaded_keys
+        }
+    model, report = rescale(
+        loaded.model, calib.images, options, fresh=fresh, holdout=calib.holdout,
+        progress=lambda msg: step(msg, 0, None),
+    )
+    report.source = loaded.to_dict() if hasattr(loaded, "to_dict") else loaded.metadata()
+    report.source.setdefault("source", source)
+    report.data = calib.info.to_dict()
+    report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
+    step("writing checkpoint", 0, None)
+    metadata = {
+        "ckptinit_version": __version__,
+        "method": describe_method(report),
+        "options": json.dumps(report.options, sort_keys=True),
+        "seed": str(options.seed),
+        **loaded.metadata(),
+        **calib.info.metadata(),
+    }
+    save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
+    return report
+
+
+def describe_method(report: RunReport) -> str:
+    """One line for the metadata: which steps ran, with their main parameters."""
+    o = report.options
+    parts = []
+    draws = sorted({u.draw for u in report.units if u.draw})
+    within = [u for u in report.units if u.action != "none"]
+    if within:
+        parts.append(f"within(units={len(within)},draw={'/'.join(draws) or 'keep'},"
+                     f"beta={o['beta']})")
+    if report.between_iterations:
+        parts.append(f"between(iters={report.between_iterations},damping={o['damping']},"
+                     f"tol={o['tol']})")
+    return "+".join(parts) or "none"

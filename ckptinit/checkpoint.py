@@ -1,0 +1,92 @@
+"""Write checkpoints: safetensors with string metadata, atomically, never over data by accident."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    """Refuse early (before any work) an output that exists or cannot be written."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise OutputError(f"Output '{path}' must end in .safetensors.")
+    if path.exists() and not force:
+        raise OutputError(f"Output '{path}' already exists; pass --force to overwrite it.")
+    if path.is_dir():
+        raise OutputError(f"Output '{path}' is a folder; give a file name ending in .safetensors.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"Cannot write '{path}': folder '{parent}' does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"Cannot write '{path}': folder '{parent}' is not writable.")
+    return path
+
+
+def state_for_saving(
+    model: nn.Module, originals: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's state_dict ready for safetensors: on CPU, contiguous, no shared storage.
+
+    Tensors equal to the ones loaded from the source are written back as loaded (bit for
+    bit, original dtype); changed ones are cast to their original dtype.
+    """
+    originals = originals or {}
+    out: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu()
+        orig = originals.get(key)
+        if orig is not None and orig.shape == t.shape:
+            same = torch.equal(orig.to(t.dtype), t)
+            t = orig if same else t.to(orig.dtype)
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen_storage or not t.is_contiguous():
+            t = t.clone().contiguous()
+        elif ptr is not None:
+            seen_storage.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    metadata: dict[str, str],
+    *,
+    originals: dict[str, torch.Tensor] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write `model` to `path` through a temporary file and a rename: no half-written output."""
+    from safetensors.torch import save_file
+
+    path = check_output(path, force)
+    tensors = state_for_saving(model, originals)
+    meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d tensors)", path, len(tensors))
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,126 @@
+"""Result dataclasses and their JSON and plot renderings (the CLI renders the table)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class UnitRecord:
+    """Everything ckptinit measured and did for one unit."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    calls: int = 1
+    action: str = "none"  # what the within-layer step did: none | normalize | <draw>+normalize
+    draw: str | None = None
+    draw_reason: str | None = None
+    mean_before: float | None = None  # averages over channels of the channel mean / std
+    std_before: float | None = None
+    mean_after: float | None = None
+    std_after: float | None = None
+    scale: float | None = None  # geometric mean of the per-channel weight scales applied
+    dead: int = 0  # channels with (near) zero variance
+    status: str = "ok"  # ok | dead | skipped | not called | fallback | pinned | excluded | ...
+    note: str | None = None
+    # between-layer step
+    rate_before: float | None = None
+    rate_after: float | None = None
+    r: float | None = None  # cumulative weight scale applied by the between-layer step
+    compensation: str | None = None
+    between_status: str | None = None  # ok | pinned | excluded | not converged
+    between_reason: str | None = None
+
+
+@dataclass
+class FunctionCheck:
+    """Relative change of the model's outputs on held-out images, before vs after."""
+
+    rel_change: float
+    tolerance: float
+    enforced: bool  # False when the user allowed the function to change (or units moved freely)
+    images: int
+
+
+@dataclass
+class RunReport:
+    """One run: what went in, what each unit got, and what was checked."""
+
+    version: str
+    command: str
+    source: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    units: list[UnitRecord] = field(default_factory=list)
+    never_called: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    within_passes: int = 0
+    between_iterations: int = 0
+    converged: bool | None = None
+    function_check: FunctionCheck | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def unit(self, name: str) -> UnitRecord:
+        return next(u for u in self.units if u.name == name)
+
+    def rate_spread(self, which: str = "after") -> float | None:
+        """max/min change rate over units that receive gradient (not excluded)."""
+        rates = [
+            getattr(u, f"rate_{which}")
+            for u in self.units
+            if getattr(u, f"rate_{which}") and u.between_status != "excluded"
+        ]
+        rates = [r for r in rates if r and math.isfinite(r) and r > 0]
+        return max(rates) / min(rates) if rates else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rate_spread_before"] = self.rate_spread("before")
+        d["rate_spread_after"] = self.rate_spread("after")
+        return d
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)
+
+
+def plot_rates(report: RunReport, path: str | Path) -> None:
+    """Change rate per unit (log scale), before and after the between-layer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = [u for u in report.units if u.rate_before or u.rate_after]
+    xs = range(len(units))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(units) + 2), 4), dpi=120)
+    before = [u.rate_before or float("nan") for u in units]
+    ax.semilogy(xs, before, "o-", ms=3, label="before")
+    if any(u.rate_after for u in units) and report.between_iterations:
+        after = [u.rate_after or float("nan") for u in units]
+        ax.semilogy(xs, after, "s-", ms=3, label="after")
+    pinned = [i for i, u in enumerate(units) if u.between_status == "pinned"]
+    if pinned:
+        ax.semilogy(pinned, [before[i] for i in pinned], "x", color="gray", label="pinned")
+    ax.set_xlabel("unit (execution order)")
+    ax.set_ylabel("change rate ||dL/dW|| / ||W||")
+    ax.set_title(f"{report.source.get('architecture', '')}: per-layer change rates")
+    if len(units) <= 40:
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([u.name for u in units], rotation=90, fontsize=6)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,134 @@
+"""Units (affine modules with a weight) in the order the forward pass calls them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger(__name__)
+
+UNIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass
+class Unit:
+    """One affine module, identified by its qualified name."""
+
+    name: str
+    module: nn.Module
+    order: int  # position of its first call in the forward pass
+    calls: int = 1
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.module.weight.shape)
+
+    @property
+    def weight_standardized(self) -> bool:
+        """timm's StdConv/ScaledStdConv normalise their weight in forward: scaling it is a no-op."""
+        return "StdConv" in type(self.module).__name__
+
+
+@dataclass
+class UnitScan:
+    """What one probing forward pass saw."""
+
+    units: list[Unit]  # called units, in execution order
+    never_called: list[str]  # units defined but not called (e.g. an unused head)
+    batchnorm_order: dict[str, int]  # BN module name -> position among all leaf calls
+
+
+def is_unit(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(module, UNIT_TYPES) and isinstance(w, torch.Tensor) and w.dim() >= 2
+
+
+def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
+@contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[None]:
+    """BatchNorm on batch statistics, dropout and drop-path off (eval), restored afterwards."""
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.train()
+    try:
+        yield
+    finally:
+        for m, t in was_training.items():
+            m.train(t)
+
+
+def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
+    """Run one small forward pass with hooks and list units in call order.
+
+    Registration order is not execution order (timm builds heads before blocks in some
+    models, and a module may be called twice), so the pass is the only reliable source.
+    """
+    candidates = {n: m for n, m in model.named_modules() if is_unit(m)}
+    bns = batchnorms(model)
+    seen: dict[str, Unit] = {}
+    bn_order: dict[str, int] = {}
+    counter = [0]
+    handles = []
+
+    def unit_hook(name: str):
+        def hook(module, args):
+            if name in seen:
+                seen[name].calls += 1
+            else:
+                seen[name] = Unit(name, module, order=counter[0])
+                counter[0] += 1
+
+        return hook
+
+    def bn_hook(name: str):
+        def hook(module, args):
+            if name not in bn_order:
+                bn_order[name] = counter[0]
+                counter[0] += 1
+
+        return hook
+
+    for name, m in candidates.items():
+        handles.append(m.register_forward_pre_hook(unit_hook(name)))
+    for name, m in bns.items():
+        handles.append(m.register_forward_pre_hook(bn_hook(name)))
+    try:
+        with torch.no_grad(), calibration_mode(model):
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    units = sorted(seen.values(), key=lambda u: u.order)
+    never = [n for n in candidates if n not in seen]
+    if never:
+        log.info("%d units are never called in the forward pass: %s", len(never), never[:5])
+    return UnitScan(units=units, never_called=never, batchnorm_order=bn_order)
+
+
+def channel_view(z: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """(channels, samples) view of a unit output: convs have channels at dim 1, linears last."""
+    if isinstance(module, nn.Linear):
+        return z.reshape(-1, z.shape[-1]).t()
+    return z.transpose(0, 1).reshape(z.shape[1], -1)
+
+
+def channel_shape(z: torch.Tensor, module: nn.Module) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against the unit output."""
+    if isinstance(module, nn.Linear):
+        return (z.shape[-1],)
+    return (1, z.shape[1]) + (1,) * (z.dim() - 2)
