@@ -111,6 +111,12 @@ def rescale(
         report.timings["within"] = time.perf_counter() - t
     else:
         report.notes.append("within-layer step skipped")
+    if options.between:
+        holdout_batches = _batches(holdout, options.batch_size, device) if holdout is not None \
+            and len(holdout) else batches
+        _between(model, scan, batches, holdout_batches, report, options, fresh_set, note)
+    else:
+        report.notes.append("between-layer step skipped")
     if scan.never_called:
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
@@ -182,3 +188,32 @@ def describe_method(report: RunReport) -> str:
         parts.append(f"between(iters={report.between_iterations},damping={o['damping']},"
                      f"tol={o['tol']})")
     return "+".join(parts) or "none"
+
+
+def _between(model, scan, batches, holdout, report, options, fresh, note) -> None:
+    from .between import plan_moves, rescale_between_
+    from .units import trace_followers
+
+    t = time.perf_counter()
+    note("tracing the data flow")
+    followers = trace_followers(model, batches[0][:2], scan.units)
+    plan = plan_moves(model, scan.units, followers, fresh, options.allow_function_change)
+    records = {r.name: r for r in report.units}
+    result = rescale_between_(
+        model, plan, batches, holdout, records, grad_batches=options.grad_batches,
+        damping=options.damping, tol=options.tol, iters=options.iters, seed=options.seed,
+        function_tol=options.function_tol, progress=note,
+    )
+    report.between_iterations = result.iterations
+    report.converged = result.converged
+    report.function_check = result.check
+    pinned = [u.name for u in report.units if u.between_status == "pinned"]
+    excluded = [u.name for u in report.units if u.between_status == "excluded"]
+    spread_b, spread_a = (report.rate_spread(w) or float("nan") for w in ("before", "after"))
+    report.notes.append(
+        f"between-layer: {result.iterations} iteration(s), "
+        f"{'converged' if result.converged else 'NOT converged'} within {options.tol:.0%}; "
+        f"rate spread (max/min) {spread_b:.3g} -> {spread_a:.3g}; {len(pinned)} pinned, "
+        f"{len(excluded)} excluded (no gradient)"
+    )
+    report.timings["between"] = time.perf_counter() - t

@@ -67,20 +67,20 @@ class RunReport:
     def unit(self, name: str) -> UnitRecord:
         return next(u for u in self.units if u.name == name)
 
-    def rate_spread(self, which: str = "after") -> float | None:
-        """max/min change rate over units that receive gradient (not excluded)."""
-        rates = [
-            getattr(u, f"rate_{which}")
-            for u in self.units
-            if getattr(u, f"rate_{which}") and u.between_status != "excluded"
-        ]
-        rates = [r for r in rates if r and math.isfinite(r) and r > 0]
+    def rate_spread(self, which: str = "after", movable_only: bool = True) -> float | None:
+        """max/min change rate over the units the between-layer step may move (or all units
+        that receive gradient)."""
+        keep = ("ok", "not converged") if movable_only else ("ok", "not converged", "pinned")
+        rates = [getattr(u, f"rate_{which}") for u in self.units if u.between_status in keep]
+        rates = [r for r in rates if r is not None and math.isfinite(r) and r > 0]
         return max(rates) / min(rates) if rates else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rate_spread_before"] = self.rate_spread("before")
         d["rate_spread_after"] = self.rate_spread("after")
+        d["rate_spread_all_before"] = self.rate_spread("before", movable_only=False)
+        d["rate_spread_all_after"] = self.rate_spread("after", movable_only=False)
         return d
 
     def write_json(self, path: str | Path) -> None:
