@@ -158,8 +158,7 @@ def rescale_checkpoint(
         loaded.model, calib.images, options, fresh=fresh, holdout=calib.holdout,
         progress=lambda msg: step(msg, 0, None),
     )
-    report.source = loaded.to_dict() if hasattr(loaded, "to_dict") else loaded.metadata()
-    report.source.setdefault("source", source)
+    report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
     step("writing checkpoint", 0, None)
@@ -217,3 +216,88 @@ def _between(model, scan, batches, holdout, report, options, fresh, note) -> Non
         f"{len(excluded)} excluded (no gradient)"
     )
     report.timings["between"] = time.perf_counter() - t
+
+
+def measure(
+    model: nn.Module,
+    images: torch.Tensor,
+    options: RescaleOptions | None = None,
+    *,
+    fresh: Iterable[str] | None = (),
+) -> RunReport:
+    """Per-unit output statistics and change rates, without changing the model.
+
+    Statistics are taken as the within-layer step would see them (BatchNorm on batch
+    statistics, dropout off); the compensation column says what the between-layer step
+    could do with each unit.
+    """
+    from .between import describe, estimate_rates, plan_moves
+    from .units import calibration_mode, trace_followers
+    from .within import measure_outputs
+
+    options = options or RescaleOptions()
+    device = resolve_device(options.device)
+    t0 = time.perf_counter()
+    model.to(device)
+    batches = _batches(images, options.batch_size, device)
+    scan = scan_units(model, batches[0][:2])
+    report = RunReport(version=__version__, command="measure", options=asdict(options),
+                       never_called=scan.never_called)
+    report.units = [
+        UnitRecord(name=u.name, kind=u.kind, shape=u.shape, calls=u.calls) for u in scan.units
+    ]
+    records = {r.name: r for r in report.units}
+    with calibration_mode(model):
+        moments = measure_outputs(model, scan.units, batches)
+    for u in scan.units:
+        m = moments[u.name]
+        records[u.name].mean_before = float(m.mean.mean())
+        records[u.name].std_before = float(m.std.mean())
+    followers = trace_followers(model, batches[0][:2], scan.units)
+    fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
+    plan = plan_moves(model, scan.units, followers, fresh_set, options.allow_function_change)
+    attention = {g.units[0].name for g in plan.groups if g.kind == "attention"}
+    rates = estimate_rates(model, scan.units, batches, options.grad_batches, options.seed,
+                           attention)
+    for g in plan.groups:
+        for u in g.units:
+            rec = records[u.name]
+            rec.rate_before = rates.rate(u.name)
+            rec.compensation = describe(g, u)
+            if g.kind == "pinned":
+                rec.between_status, rec.between_reason = "pinned", g.reason
+            elif not rec.rate_before > 0:
+                rec.between_status, rec.between_reason = "excluded", "zero gradient"
+            else:
+                rec.between_status = "ok"
+    spread = report.rate_spread("before", movable_only=False)
+    report.notes.append(
+        f"change rates spread over {spread:.3g}x (max/min over units with gradient)"
+        if spread else "no unit receives gradient")
+    report.timings["total"] = time.perf_counter() - t0
+    return report
+
+
+def measure_source(
+    source: str,
+    *,
+    options: RescaleOptions | None = None,
+    source_options: SourceOptions | None = None,
+    calib_options: CalibrationOptions | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> RunReport:
+    """SOURCE -> calibration images -> `measure` (nothing is written)."""
+    from .calib import load_calibration
+    from .source import load_source
+
+    step = progress or (lambda stage, done, total: None)
+    step("loading model", 0, None)
+    loaded = load_source(source, source_options or SourceOptions())
+    calib = load_calibration(loaded.model, calib_options or CalibrationOptions(),
+                             progress=lambda d, t: step("reading images", d, t))
+    step("measuring", 0, None)
+    report = measure(loaded.model, calib.images, options)
+    report.source = loaded.to_dict()
+    report.data = calib.info.to_dict()
+    report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
+    return report

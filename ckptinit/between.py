@@ -320,7 +320,7 @@ def rescale_between_(
     for g in plan.groups:
         for u in g.units:
             rec = records[u.name]
-            rec.compensation = _describe(g, u)
+            rec.compensation = describe(g, u)
             if g.kind == "pinned":
                 rec.between_status, rec.between_reason = "pinned", g.reason
     iteration, converged, target = 0, False, float("nan")
@@ -386,8 +386,10 @@ def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, activ
            totals: dict[str, float]) -> None:
     """One update of every movable group towards the target rate.
 
-    Compensated moves answer exactly C -> C / r^2, so the full step lands. A fresh unit
-    moved without compensation (into a residual sum, a GELU, a gate) answers more weakly
+    Compensated moves answer exactly C -> C / r^2 (a free unit at the model output scales
+    every rate by the same factor, which leaves the ratios exact), so the full step lands.
+    A fresh unit moved without compensation (into a residual sum, a GELU, a gate) answers
+    more weakly
     and non-linearly; its step is halved and capped at 4x so the iteration cannot blow up.
     """
     for g in plan.groups:
@@ -409,7 +411,7 @@ def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, activ
             c = rates.rate(u.name)
             if u.name not in active:
                 scales.append(1.0)
-            elif g.changes_function and g.terminal.kind not in ABSORBERS:
+            elif g.changes_function and g.terminal.kind == "blocked":
                 scales.append(min(4.0, max(0.25, (c / target) ** (damping / 4))))
             else:
                 scales.append((c / target) ** (damping / 2))
@@ -422,7 +424,8 @@ def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, activ
             totals[u.name] *= r
 
 
-def _describe(g: Group, u: Unit) -> str:
+def describe(g: Group, u: Unit) -> str:
+    """The report's compensation column for a unit of group g."""
     if g.kind == "attention":
         return "attention q/k and v/proj pairs" + (
             f" + {g.terminal.kind} {g.terminal.target}" if g.proj_free else "")

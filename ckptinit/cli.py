@@ -89,6 +89,8 @@ class _Ui:
 
         self.quiet = quiet
         self.console = Console(stderr=True, quiet=quiet)
+        if not self.console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+            self.console.width = 160
         level = logging.DEBUG if os.environ.get("CKPTINIT_DEBUG") else logging.WARNING
         logging.basicConfig(level=level, format="%(message)s", force=True,
                             handlers=[RichHandler(console=self.console, show_path=False)])

@@ -20,7 +20,7 @@ class RescaleOptions:
     device: str = "auto"
     patch_budget: int = 65536  # patches per unit for pca/kmeans draws
     # between-layer step
-    grad_batches: int = 4
+    grad_batches: int = 2  # (batch, g) draws per estimate, reused every iteration
     damping: float = 1.0
     tol: float = 0.01
     iters: int = 10
