@@ -144,6 +144,7 @@ def rescale_checkpoint(
     step = progress or (lambda stage, done, total: None)
     check_output(output, force)  # refuse before any work
     step("loading model", 0, None)
+    torch.manual_seed(options.seed)  # timm's fresh init draws from the global generator
     loaded = load_source(source, source_options or SourceOptions())
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)

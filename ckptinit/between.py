@@ -11,7 +11,6 @@ outputs are compared before and after on held-out images.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from torch import nn
 
 from .errors import FunctionChangedError
 from .report import FunctionCheck, UnitRecord
-from .units import Follower, Unit, batchnorms, calibration_mode
+from .units import Follower, Unit, calibration_mode
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,6 @@ def estimate_rates(
     device = weights[0].device
     acc = {u.name: torch.zeros(_slices(u, attention_units), dtype=torch.float64, device=device)
            for u in units}
-    bn_state = {n: copy.deepcopy(m.state_dict()) for n, m in batchnorms(model).items()}
     requires = [w.requires_grad for w in weights]
     try:
         with calibration_mode(model):
@@ -171,8 +169,6 @@ def estimate_rates(
     finally:
         for w, r in zip(weights, requires):
             w.requires_grad_(r)
-        for n, m in batchnorms(model).items():
-            m.load_state_dict(bn_state[n])
     weight_sq = {
         u.name: (u.module.weight.detach().double().reshape(_slices(u, attention_units), -1) ** 2
                  ).sum(1)
@@ -259,6 +255,52 @@ def _apply_attention_(model: nn.Module, group: Group, s: float, a: float, p: flo
         _absorb_(model, group.terminal, p)
 
 
+EPS_BUDGET = 2e-5  # relative output error a norm's eps may add where its input is smallest
+
+
+@torch.no_grad()
+def norm_floors(model: nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, tuple]:
+    """Smallest and largest total scale each LayerNorm/GroupNorm terminal tolerates.
+
+    A norm forgets a scalar on its input only up to its eps: shrinking the input by P
+    moves the output by about eps / (2 var) * (1 / P^2 - 1) where the input variance is
+    small. The floor keeps that under EPS_BUDGET at the 1% quantile of that variance.
+    """
+    from .units import calibration_mode
+
+    terminals = {g.terminal.target for g in plan.groups
+                 if g.terminal is not None and g.terminal.kind == "norm"}
+    floors: dict[str, tuple[float, float]] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().float()
+            if isinstance(module, nn.GroupNorm):
+                var = x.reshape(x.shape[0], module.num_groups, -1).var(-1, unbiased=False)
+            elif type(module).__name__.endswith("2d"):  # timm's LayerNorm2d: NCHW, over C
+                var = x.var(1, unbiased=False)
+            else:
+                dims = tuple(range(-len(module.normalized_shape), 0))
+                var = x.var(dims, unbiased=False)
+            v = float(torch.quantile(var.flatten()[:100000], 0.01).clamp_min(1e-30))
+            room = 2.0 * v * EPS_BUDGET / module.eps  # |1 - 1/P^2| must stay under this
+            floors[name] = (1.0 / math.sqrt(1.0 + room),
+                            1.0 / math.sqrt(1.0 - room) if room < 1 else math.inf)
+
+        return hook
+
+    for name in terminals:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    try:
+        with calibration_mode(model):
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return floors
+
+
 # --- the iteration --------------------------------------------------------------------------
 
 
@@ -317,6 +359,8 @@ def rescale_between_(
     for u in units:
         records[u.name].rate_before = rates.rate(u.name)
     totals = {u.name: 1.0 for u in units}
+    floors = norm_floors(model, plan, batches[0])
+    norm_scale = dict.fromkeys(floors, 1.0)  # total scale applied to each norm's input
     for g in plan.groups:
         for u in g.units:
             rec = records[u.name]
@@ -341,7 +385,7 @@ def rescale_between_(
             break
         iteration += 1
         note(f"between-layer iteration {iteration}")
-        _step_(model, plan, rates, target, damping, active, totals)
+        _step_(model, plan, rates, target, damping, active, totals, floors, norm_scale)
         rates = estimate()
     for u in units:
         rec = records[u.name]
@@ -351,6 +395,11 @@ def rescale_between_(
             continue
         ok = _log_dev(rec.rate_after, target) < math.log1p(tol)
         rec.between_status = "ok" if ok else "not converged"
+        terminal = plan.group_of(u.name).terminal
+        if not ok and terminal is not None and terminal.target in floors:
+            low, high = floors[terminal.target]
+            if not low < norm_scale[terminal.target] < high:
+                rec.between_reason = f"scale limited by the eps of {terminal.target}"
     after = _eval_outputs(model, holdout)
     rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
     changes = any(g.changes_function for g in plan.groups)
@@ -383,7 +432,8 @@ def _active_units(plan: Plan, rates: Rates, records: dict[str, UnitRecord]) -> s
 
 @torch.no_grad()
 def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, active: set[str],
-           totals: dict[str, float]) -> None:
+           totals: dict[str, float], floors: dict[str, tuple[float, float]],
+           norm_scale: dict[str, float]) -> None:
     """One update of every movable group towards the target rate.
 
     Compensated moves answer exactly C -> C / r^2 (a free unit at the model output scales
@@ -419,6 +469,14 @@ def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, activ
             moving = [r for u, r in zip(g.units, scales) if u.name in active]
             norm = math.exp(sum(math.log(r) for r in moving) / len(moving)) if moving else 1.0
             scales = [r / norm if u.name in active else 1.0 for u, r in zip(g.units, scales)]
+        if g.terminal is not None and g.terminal.target in floors:
+            t = g.terminal.target
+            total = norm_scale[t] * math.prod(scales)
+            low, high = floors[t]
+            bounded = min(max(total, low), high)  # beyond, the norm's eps would show
+            scales[-1] *= bounded / total
+            total = bounded
+            norm_scale[t] = total
         _apply_chain_(model, g, scales)
         for u, r in zip(g.units, scales):
             totals[u.name] *= r

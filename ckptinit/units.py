@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,9 +59,15 @@ def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
 
 
 @contextmanager
-def calibration_mode(model: nn.Module) -> Iterator[None]:
-    """BatchNorm on batch statistics, dropout and drop-path off (eval), restored afterwards."""
+def calibration_mode(model: nn.Module, restore_batchnorm: bool = True) -> Iterator[None]:
+    """BatchNorm on batch statistics, dropout and drop-path off (eval), restored afterwards.
+
+    Train-mode BatchNorm updates its running statistics on every pass; unless the caller
+    means to keep them (the within-layer step re-estimates them), they are put back.
+    """
     was_training = {m: m.training for m in model.modules()}
+    saved = {m: copy.deepcopy(m.state_dict()) for m in batchnorms(model).values()} \
+        if restore_batchnorm else {}
     model.eval()
     for m in model.modules():
         if isinstance(m, _BatchNorm):
@@ -70,6 +77,8 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, t in was_training.items():
             m.train(t)
+        for m, state in saved.items():
+            m.load_state_dict(state)
 
 
 def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:

@@ -102,7 +102,7 @@ def normalize_within_(
             bns[n].momentum = None  # cumulative average over the pass
 
     try:
-        with torch.no_grad(), calibration_mode(model):
+        with torch.no_grad(), calibration_mode(model, restore_batchnorm=False):
             reset_bn()
             _streaming_pass(model, units, batches, records, draws, beta, draw_fn)
             passes, deviation = 1, 0.0
@@ -135,6 +135,8 @@ def _streaming_pass(model, units, batches, records, draws, beta, draw_fn) -> Non
         if name in acc or name in seen or method == "keep":
             return
         result = draw_fn(module, args[0], method)
+        if module.bias is not None:  # a new draw owes nothing to the old bias
+            module.bias.zero_()
         rec = records[name]
         rec.draw = result.method
         rec.draw_reason = result.reason

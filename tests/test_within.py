@@ -1,0 +1,172 @@
+"""Within-layer step: the statistics property, and the ways it can go wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import smooth_images
+from torch import nn
+
+from ckptinit.api import rescale
+from ckptinit.options import RescaleOptions
+from ckptinit.units import calibration_mode, channel_view, scan_units
+from ckptinit.within import measure_outputs
+
+WITHIN = dict(between=False, weights="keep", within=True)
+
+
+class TinyCNN(nn.Module):
+    """A plain conv net without BatchNorm (the paper's setting), with in-place ReLUs."""
+
+    def __init__(self, inplace: bool = True):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=inplace), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=inplace), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=inplace),
+        )
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.features(x).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def heldout_stds(model, x, eval_mode=True) -> dict[str, torch.Tensor]:
+    scan = scan_units(model, x[:2])
+    if eval_mode:
+        model.eval()
+        moments = measure_outputs(model, scan.units, [x])
+    else:
+        with calibration_mode(model):
+            moments = measure_outputs(model, scan.units, [x])
+    return {n: m.std for n, m in moments.items()}
+
+
+def test_plain_cnn_heldout_std_close_to_one():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x = smooth_images(96, 32, seed=1)
+    model, report = rescale(model, x[:64], RescaleOptions(**WITHIN, batch_size=64))
+    assert report.within_passes == 1  # one batch: one forward pass
+    for rec in report.units:
+        assert rec.std_after == pytest.approx(1.0, abs=1e-4)
+        assert rec.mean_after == pytest.approx(0.1, abs=1e-4)  # beta, all units have a bias
+    stds = heldout_stds(model, x[64:])
+    for name, std in stds.items():
+        # held-out images: per-channel std near 1 (sampling noise only)
+        assert std.median().item() == pytest.approx(1.0, abs=0.15), name
+        assert std.min().item() > 0.5 and std.max().item() < 1.6, name
+
+
+def test_gaussian_draw_then_normalise_is_seeded():
+    x = smooth_images(32, 32)
+    outs = []
+    for _ in range(2):
+        model = TinyCNN()
+        rescale(model, x, RescaleOptions(between=False, weights="gaussian", seed=3))
+        outs.append(model.state_dict())
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+
+
+def test_inplace_relu_does_not_corrupt_measurement():
+    x = smooth_images(48, 32)
+    torch.manual_seed(0)
+    a = TinyCNN(inplace=True)
+    b = TinyCNN(inplace=False)
+    b.load_state_dict(a.state_dict())
+    _, ra = rescale(a, x, RescaleOptions(**WITHIN))
+    _, rb = rescale(b, x, RescaleOptions(**WITHIN))
+    for ua, ub in zip(ra.units, rb.units):
+        assert ua.std_before == pytest.approx(ub.std_before, rel=1e-5)
+        assert ua.scale == pytest.approx(ub.scale, rel=1e-5)
+    # the pre-activation (not the rectified tensor) has std 1 on the calibration images
+    stds = heldout_stds(a, x)
+    assert all(s.mean().item() == pytest.approx(1.0, abs=0.02) for s in stds.values())
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.unused = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.shared(x))
+        x = torch.relu(self.shared(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_unit_called_twice_and_unit_never_called():
+    model = Twice()
+    x = smooth_images(16, 16)
+    _, report = rescale(model, x, RescaleOptions(**WITHIN))
+    assert [u.name for u in report.units] == ["stem", "shared", "head"]
+    assert report.unit("shared").calls == 2
+    assert report.never_called == ["unused"]
+    assert report.unit("shared").std_after == pytest.approx(1.0, abs=1e-4)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_dead_channels_are_guarded_and_reported():
+    model = TinyCNN()
+    with torch.no_grad():
+        model.features[0].weight[:3] = 0  # three channels with constant output
+    x = smooth_images(16, 32)
+    _, report = rescale(model, x, RescaleOptions(**WITHIN))
+    rec = report.unit("features.0")
+    assert rec.dead == 3 and rec.status == "dead"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_several_batches_converge_to_the_same_statistics():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x = smooth_images(64, 32)
+    _, report = rescale(model, x, RescaleOptions(**WITHIN, batch_size=16))
+    assert 1 < report.within_passes <= 6
+    stds = heldout_stds(model, x)  # the whole calibration set, as one batch
+    for name, std in stds.items():
+        assert std.mean().item() == pytest.approx(1.0, abs=0.03), name
+
+
+def test_batchnorm_net_and_running_statistics():
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    x = smooth_images(80, 64)
+    _, report = rescale(model, x[:64], RescaleOptions(**WITHIN))
+    assert "20 BatchNorm layers re-estimated" in " ".join(report.notes)
+    # eval mode (running statistics) sees what the calibration pass saw
+    train_stats = heldout_stds(model, x[:64], eval_mode=False)
+    eval_stats = heldout_stds(model, x[:64], eval_mode=True)
+    for name in train_stats:
+        assert eval_stats[name].mean().item() == pytest.approx(
+            train_stats[name].mean().item(), rel=0.05), name
+    held = heldout_stds(model, x[64:], eval_mode=True)
+    assert all(s.mean().item() == pytest.approx(1.0, abs=0.3) for s in held.values())
+
+
+def test_loaded_units_and_batchnorm_left_alone_when_only_the_head_is_new():
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = smooth_images(16, 32)
+    fresh = {"fc"}
+    _, report = rescale(model, x, RescaleOptions(between=False), fresh=fresh)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert report.unit("fc").draw == "gaussian"
+
+
+def test_channel_view_linear_tokens():
+    lin = nn.Linear(4, 6)
+    z = torch.randn(2, 5, 6)
+    assert channel_view(z, lin).shape == (6, 10)
