@@ -317,13 +317,33 @@ def _log_dev(c: float, target: float) -> float:
 
 
 @torch.no_grad()
-def _eval_outputs(model: nn.Module, images: Sequence[torch.Tensor]) -> torch.Tensor:
+def _eval_outputs(model: nn.Module, images: Sequence[torch.Tensor],
+                  heads: Sequence[nn.Module] = ()) -> torch.Tensor:
+    """Eval-mode outputs, or the inputs of `heads` (the features a new head reads)."""
     was = model.training
     model.eval()
+    seen: list[torch.Tensor] = []
+    handles = [h.register_forward_pre_hook(lambda m, a: seen.append(a[0].double().flatten(1)))
+               for h in heads]
     try:
-        return torch.cat([_output_tensor(model(x)).double().flatten(1) for x in images])
+        outs = [_output_tensor(model(x)).double().flatten(1) for x in images]
+        return torch.cat(seen if heads else outs)
     finally:
+        for h in handles:
+            h.remove()
         model.train(was)
+
+
+def _function_scope(plan: Plan) -> tuple[bool, list[nn.Module]]:
+    """Can the check be enforced, and on what: the outputs, or the features read by a fresh
+    head (a new classifier on loaded weights moves freely; what it reads must not move)."""
+    changing = [g for g in plan.groups if g.changes_function]
+    heads = [g.units[0].module for g in changing
+             if len(g.units) == 1 and g.terminal is not None and g.terminal.kind == "output"]
+    if len(heads) == len(changing) and len(heads) < len(
+            [g for g in plan.groups if g.kind != "pinned"]):
+        return True, heads
+    return not changing, []
 
 
 def rescale_between_(
@@ -349,7 +369,8 @@ def rescale_between_(
     units = [u for g in plan.groups for u in g.units]
     attention_units = {g.units[0].name for g in plan.groups if g.kind == "attention"}
     note = progress or (lambda msg: None)
-    before = _eval_outputs(model, holdout)
+    enforce, heads = _function_scope(plan)
+    before = _eval_outputs(model, holdout, heads)
 
     def estimate() -> Rates:
         return estimate_rates(model, units, batches, grad_batches, seed, attention_units)
@@ -400,14 +421,14 @@ def rescale_between_(
             low, high = floors[terminal.target]
             if not low < norm_scale[terminal.target] < high:
                 rec.between_reason = f"scale limited by the eps of {terminal.target}"
-    after = _eval_outputs(model, holdout)
+    after = _eval_outputs(model, holdout, heads)
     rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
-    changes = any(g.changes_function for g in plan.groups)
-    check = FunctionCheck(rel_change=rel, tolerance=function_tol, enforced=not changes,
+    check = FunctionCheck(rel_change=rel, tolerance=function_tol, enforced=enforce,
+                          scope="features read by the new head" if heads else "outputs",
                           images=sum(len(h) for h in holdout))
     if check.enforced and not (rel <= function_tol):
         raise FunctionChangedError(
-            f"The between-layer step changed the outputs by {rel:.2e} (relative), above the "
+            f"The between-layer step changed the {check.scope} by {rel:.2e} (relative), above the "
             f"tolerance {function_tol:g}; no checkpoint written. Report this model, or pass "
             "--allow-function-change to accept it.")
     return BetweenResult(iteration, converged, target, check)

@@ -44,6 +44,7 @@ class FunctionCheck:
     tolerance: float
     enforced: bool  # False when the user allowed the function to change (or units moved freely)
     images: int
+    scope: str = "outputs"  # or the features read by a new, freely moving head
 
 
 @dataclass
