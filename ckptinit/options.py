@@ -18,7 +18,7 @@ class RescaleOptions:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
-    patch_budget: int = 65536  # patches per unit for pca/kmeans draws
+    patch_budget: int = 16384  # patches per unit (and group) for pca/kmeans draws
     # between-layer step
     grad_batches: int = 2  # (batch, g) draws per estimate, reused every iteration
     damping: float = 1.0

@@ -16,9 +16,17 @@ class Moments:
     total_sq: torch.Tensor
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> Moments:
-        x = x.detach().double()
-        return cls(float(x.shape[1]), x.sum(1), (x * x).sum(1))
+    def of(cls, z: torch.Tensor, channel_dim: int) -> Moments:
+        """Moments of each channel of z, pooled over every other dimension.
+
+        var_mean reduces in place (no channel-first copy) with a stable float32 algorithm;
+        only the per-channel results are kept in float64 for merging.
+        """
+        dims = tuple(d for d in range(z.dim()) if d != channel_dim % z.dim())
+        var, mean = torch.var_mean(z.detach().float(), dim=dims, unbiased=False)
+        n = float(z.numel() // z.shape[channel_dim])
+        mean, var = mean.double(), var.double()
+        return cls(n, n * mean, n * (var + mean * mean))
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(

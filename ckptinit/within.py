@@ -20,7 +20,7 @@ from torch import nn
 
 from .report import UnitRecord
 from .stats import Moments
-from .units import UnitScan, batchnorms, calibration_mode, channel_shape, channel_view
+from .units import UnitScan, batchnorms, calibration_mode, channel_shape
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ def _rewrite_(module: nn.Module, mean: torch.Tensor, std: torch.Tensor, beta: fl
     return scale, shift, dead
 
 
-def _stats(z: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(channel_view(z.detach(), module).float(), dim=1, unbiased=False)
-    return mean.double(), var.clamp_min(0).sqrt().double()
+def _channel_dim(module: nn.Module) -> int:
+    return -1 if isinstance(module, nn.Linear) else 1
 
 
 def normalize_within_(
@@ -140,7 +139,7 @@ def _streaming_pass(model, units, batches, records, draws, beta, draw_fn) -> Non
         rec = records[name]
         rec.draw = result.method
         rec.draw_reason = result.reason
-        if result.reason:
+        if result.method != result.requested:
             rec.status = "fallback"
 
     def hook(module, args, z):
@@ -148,7 +147,7 @@ def _streaming_pass(model, units, batches, records, draws, beta, draw_fn) -> Non
         if name in seen:  # a unit called twice is measured on its first call
             return None
         seen.add(name)
-        batch = Moments.of(channel_view(z, module))
+        batch = Moments.of(z, _channel_dim(module))
         mom = acc[name] + batch if name in acc else batch
         if name not in first_record:
             first_record[name] = (batch.mean, batch.std)
@@ -157,7 +156,7 @@ def _streaming_pass(model, units, batches, records, draws, beta, draw_fn) -> Non
         total[name] = total[name] * scale if name in total else scale
         shape = channel_shape(z, module)
         z = (z * scale.to(z.dtype).view(shape) + shift.to(z.dtype).view(shape)).contiguous()
-        after = Moments.of(channel_view(z, module))
+        after = batch.affine(scale, shift)  # exact: z was corrected by this map
         mean0, std0 = first_record[name]
         _record(records[name], module, mean0, std0, after.mean, after.std, total[name], dead)
         return z
@@ -189,7 +188,7 @@ def measure_outputs(model: nn.Module, units: Sequence, batches: Sequence[torch.T
         if name in seen:  # a unit called twice is measured on its first call
             return
         seen.add(name)
-        m = Moments.of(channel_view(z, module))
+        m = Moments.of(z, _channel_dim(module))
         moments[name] = moments[name] + m if name in moments else m
 
     handles = [u.module.register_forward_hook(hook) for u in units]
