@@ -2,6 +2,7 @@
 on the calibration draws and measured independently (other crops, other gradient draws).
 
     .venv/bin/python benchmarks/rates.py resnet18 resnet50 [--images 64] [--json out.json]
+    .venv/bin/python benchmarks/rates.py resnet18 --no-zero-init-last
 """
 
 from __future__ import annotations
@@ -32,12 +33,19 @@ def main() -> None:
     ap.add_argument("--check-images", type=int, default=32)
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--json")
+    ap.add_argument("--no-zero-init-last", action="store_true",
+                    help="timm's zero_init_last=False: every residual branch gets gradient")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     rows = []
     for name in args.models:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False)
+        kwargs = {"zero_init_last": False} if args.no_zero_init_last else {}
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError:  # not a residual net
+            kwargs = {}
+            model = timm.create_model(name, pretrained=False)
         calib = load_calibration(model, CalibrationOptions(images=args.images, holdout=16))
         # other images: crops drawn with another seed, never seen by the fit
         other = load_calibration(model, CalibrationOptions(images=args.check_images, holdout=0,
@@ -47,7 +55,8 @@ def main() -> None:
         model, report = rescale(model, calib.images, RescaleOptions(), holdout=calib.holdout)
         elapsed = time.perf_counter() - t
         after, n = independent_spread(model, other, seed=99, draws=args.draws)
-        row = dict(model=name, timm_init_spread=timm_spread, timm_units_with_grad=timm_n,
+        row = dict(model=name, model_args=kwargs, timm_init_spread=timm_spread,
+                   timm_units_with_grad=timm_n,
                    calib_spread_before=report.rate_spread("before"),
                    calib_spread_after=report.rate_spread("after"),
                    iterations=report.between_iterations, converged=report.converged,
