@@ -436,7 +436,8 @@ def rescale(
                                      calib_options=cal, force=force, progress=ui.progress)
         print_report(run, ui.console)
         _write_outputs(run, report, plot)
-        typer.echo(str(output))
+        if str(report) != "-":  # with the report on stdout, stdout stays valid JSON
+            typer.echo(str(output))
 
 
 @app.command()

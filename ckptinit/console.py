@@ -218,6 +218,48 @@ def summary_line(report: RunReport) -> str:
     return "; ".join(parts)
 
 
+def _names(names: list[str], count: int, limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({count - limit} more)" if count > limit else "")
+
+
+ARCH_FROM = {"metadata": "ckptinit metadata", "config.json": "config.json beside the file",
+             "checkpoint": "the checkpoint's 'arch' entry", "option": "--arch"}
+
+
+def source_line(source: dict) -> str | None:
+    """What was loaded from where: the wrappers unwrapped, and the keys missing or unused."""
+    if not source:
+        return None
+    name, arch = source.get("source", ""), source.get("architecture", "")
+    if not source.get("pretrained"):
+        return f"source: {name}, fresh weights"
+    what = f"source: {name}"
+    if source.get("file_format"):
+        what += f" ({source['file_format']})"
+    if source.get("revision"):
+        what += f" @ {source['revision']}"
+    where = ARCH_FROM.get(source.get("arch_from"))
+    what += f", {arch}" + (f" from {where}" if where else "")
+    loaded = f"{source.get('loaded_count', 0)} tensors loaded"
+    if source.get("nested_key"):
+        loaded += f" from '{source['nested_key']}'"
+    if source.get("stripped_prefixes"):
+        loaded += " with prefix " + ", ".join(f"'{p}'" for p in source["stripped_prefixes"]) \
+            + " stripped"
+    if source.get("key_map"):
+        loaded += "; keys renamed " + ", ".join(f"'{a}'→'{b}'" for a, b in
+                                                 source["key_map"].items())
+    parts = [what, loaded]
+    if source.get("missing_count"):
+        parts.append(f"{source['missing_count']} missing, left fresh "
+                     f"({_names(source.get('missing_keys', []), source['missing_count'])})")
+    if source.get("dropped_count"):
+        parts.append(f"{source['dropped_count']} not used "
+                     f"({_names(source.get('dropped_keys', []), source['dropped_count'])})")
+    return "; ".join(parts)
+
+
 def print_report(report: RunReport, console: Console) -> None:
     """The unit table, the library's notes, and one summary line."""
     table, hidden = unit_table(report, console.width)
@@ -225,8 +267,9 @@ def print_report(report: RunReport, console: Console) -> None:
     if hidden:
         console.print(f"[dim]columns left out at this width: {', '.join(hidden)} "
                       "(widen the terminal, or see the JSON report)[/]", highlight=False)
-    for line in report.notes:
-        console.print(f"[dim]•[/] {line}", highlight=False)
+    source = source_line(report.source)
+    for line in ([source] if source else []) + list(report.notes):
+        console.print(Text("• ", style="dim") + Text(line), highlight=False)
     console.print(f"[bold]Summary:[/] {summary_line(report)}", highlight=False)
 
 

@@ -167,6 +167,7 @@ def test_rescale_prints_the_table_and_summary_on_stderr(run):
     for name in ("conv1.0", "layer1.0.conv1", "layer4.0.downsample.1", "fc"):
         assert name in err
     assert "Summary:" in err
+    assert f"source: {ARCH}, fresh weights" in err
     assert "Traceback" not in err
     assert run["result"].stdout.strip() == str(run["out"])  # results only on stdout
 
@@ -222,8 +223,11 @@ def test_rescale_of_a_checkpoint_file(run, tmp_path):
     """A file written by ckptinit knows its architecture; a new head gets the within step."""
     out, report = tmp_path / "ft.safetensors", tmp_path / "ft.json"
     result = invoke("rescale", run["out"], "--num-classes", "10", "-o", out, "--report",
-                    report, "-q", *TINY)
+                    report, *TINY)
     assert result.exit_code == 0, result.output
+    err = " ".join(result.stderr.split())
+    assert "from ckptinit metadata" in err and "tensors loaded" in err
+    assert "missing, left fresh (fc.weight, fc.bias)" in err
     units = {u["name"]: u for u in json.loads(report.read_text())["units"]}
     assert units["fc"]["action"] != "none"
     assert units["conv1.0"]["action"] == "none"
