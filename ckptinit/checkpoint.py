@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -76,12 +77,26 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        _sort_metadata_(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     log.info("wrote %s (%d tensors)", path, len(tensors))
     return path
+
+
+def _sort_metadata_(path: str) -> None:
+    """Same run, same bytes: safetensors writes the metadata in hash order, so rewrite the
+    header (same length, padded with spaces as the format allows) with sorted metadata."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

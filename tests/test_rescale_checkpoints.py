@@ -148,3 +148,14 @@ def test_shared_storage_is_deduplicated(tmp_path):
     out = save_checkpoint(Tied(), tmp_path / "t.safetensors", {})
     saved = load_file(out)
     assert torch.equal(saved["a.weight"], saved["b.weight"])
+
+
+def test_same_input_same_bytes(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    meta = {f"key{i}": f"value{i}" for i in range(40)}  # enough keys to expose hash order
+    a = save_checkpoint(model, tmp_path / "a.safetensors", meta)
+    b = save_checkpoint(model, tmp_path / "b.safetensors", dict(reversed(meta.items())))
+    assert a.read_bytes() == b.read_bytes()
+    assert safe_open(str(a), "pt").metadata()["key7"] == "value7"
+    assert torch.equal(load_file(a)["0.weight"], model[0].weight)
