@@ -80,10 +80,10 @@ def rescale(
     records = {r.name: r for r in report.units}
     report.timings["scan"] = time.perf_counter() - t0
 
-    if options.within is None:
+    if options.within is None and options.weights is None:
         targets = {u.name for u in scan.units if u.name in fresh_set}
-    else:
-        targets = {u.name for u in scan.units} if options.within else set()
+    else:  # --within, or an explicit --weights draw: every unit
+        targets = {u.name for u in scan.units} if options.within is not False else set()
     draws = {
         n: options.weights or ("gaussian" if n in fresh_set else "keep") for n in targets
     }
@@ -149,14 +149,8 @@ def rescale_checkpoint(
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
     )
-    fresh = None
-    if loaded.pretrained:
-        fresh = {
-            name for name, m in loaded.model.named_modules()
-            if is_unit(m) and f"{name}.weight" not in loaded.loaded_keys
-        }
     model, report = rescale(
-        loaded.model, calib.images, options, fresh=fresh, holdout=calib.holdout,
+        loaded.model, calib.images, options, fresh=fresh_units(loaded), holdout=calib.holdout,
         progress=lambda msg: step(msg, 0, None),
     )
     report.source = loaded.to_dict()
@@ -173,6 +167,14 @@ def rescale_checkpoint(
     }
     save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
     return report
+
+
+def fresh_units(loaded) -> set[str] | None:
+    """Units whose weights did not come from the source (None: all, a bare architecture)."""
+    if not loaded.pretrained:
+        return None
+    return {name for name, m in loaded.model.named_modules()
+            if is_unit(m) and f"{name}.weight" not in loaded.loaded_keys}
 
 
 def describe_method(report: RunReport) -> str:
@@ -297,7 +299,7 @@ def measure_source(
     calib = load_calibration(loaded.model, calib_options or CalibrationOptions(),
                              progress=lambda d, t: step("reading images", d, t))
     step("measuring", 0, None)
-    report = measure(loaded.model, calib.images, options)
+    report = measure(loaded.model, calib.images, options, fresh=fresh_units(loaded))
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)

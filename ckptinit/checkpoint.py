@@ -78,6 +78,9 @@ def save_checkpoint(
     try:
         save_file(tensors, tmp, metadata=meta)
         _sort_metadata_(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
