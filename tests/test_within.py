@@ -170,3 +170,14 @@ def test_channel_view_linear_tokens():
     lin = nn.Linear(4, 6)
     z = torch.randn(2, 5, 6)
     assert channel_view(z, lin).shape == (6, 10)
+
+
+def test_explicit_weights_redraw_loaded_units_too():
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, report = rescale(model, smooth_images(8, 32), RescaleOptions(between=False,
+                        weights="orthogonal"), fresh={"fc"})
+    assert all(u.draw == "orthogonal" for u in report.units)
+    assert not torch.equal(before["conv1.weight"], model.conv1.weight)
