@@ -135,7 +135,7 @@ def rescale_checkpoint(
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
     """SOURCE -> calibration images -> `rescale` -> safetensors file with provenance."""
-    from .calib import load_calibration
+    from .calib import check_data, load_calibration
     from .checkpoint import check_output, save_checkpoint
     from .source import load_source
 
@@ -143,6 +143,7 @@ def rescale_checkpoint(
     calib_options = calib_options or CalibrationOptions()
     step = progress or (lambda stage, done, total: None)
     check_output(output, force)  # refuse before any work
+    check_data(calib_options)
     step("loading model", 0, None)
     torch.manual_seed(options.seed)  # timm's fresh init draws from the global generator
     loaded = load_source(source, source_options or SourceOptions())
@@ -290,9 +291,10 @@ def measure_source(
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
     """SOURCE -> calibration images -> `measure` (nothing is written)."""
-    from .calib import load_calibration
+    from .calib import check_data, load_calibration
     from .source import load_source
 
+    check_data(calib_options or CalibrationOptions())
     step = progress or (lambda stage, done, total: None)
     step("loading model", 0, None)
     loaded = load_source(source, source_options or SourceOptions())

@@ -333,6 +333,26 @@ def _open_source(options: CalibrationOptions, need: int) -> _Source:
     return _hub_source(data, options, need)
 
 
+def check_data(options: CalibrationOptions) -> None:
+    """The failures that need no model and no network, raised before any model is built:
+    bad options, a missing folder, a Hub dataset while the Hub is off."""
+    _validate(options)
+    data = options.data
+    if data == "samples" or Path(data).expanduser().exists():
+        return
+    if _looks_like_path(data):
+        raise DataError(f"Data folder '{data}' does not exist; pass an image folder, a "
+                        "dataset id, or 'samples'.")
+    if _hub_offline():
+        repo_id = HUB_ALIASES.get(data.lower(), data)
+        raise _offline_error(repo_id)
+
+
+def _offline_error(repo_id: str) -> DataError:
+    return DataError(f"Cannot stream dataset '{repo_id}': Hugging Face Hub offline mode is on "
+                     "(HF_HUB_OFFLINE=1); pass a local image or dataset folder, or 'samples'.")
+
+
 def _looks_like_path(data: str) -> bool:
     """A Hub id is 'name' or 'org/name'; anything else that names a file system path is one."""
     if data.startswith((".", "~", "/", "\\")) or "\\" in data or re.match(r"^[A-Za-z]:", data):
@@ -621,9 +641,7 @@ def _hub_source(data: str, options: CalibrationOptions, need: int) -> _Source:
         raise DataError(f"'{data}' is neither an existing path nor a valid dataset id; pass "
                         "an image folder, a dataset id, or 'samples'.") from None
     if _hub_offline():
-        raise DataError(f"Cannot stream dataset '{repo_id}': Hugging Face Hub offline mode is "
-                        "on (HF_HUB_OFFLINE=1); pass a local image or dataset folder, or "
-                        "'samples'.")
+        raise _offline_error(repo_id)
     token = options.token or None
     sha = _hub_revision(repo_id, options.revision, token)
     revision = sha or options.revision
