@@ -266,8 +266,6 @@ def norm_floors(model: nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, 
     moves the output by about eps / (2 var) * (1 / P^2 - 1) where the input variance is
     small. The floor keeps that under EPS_BUDGET at the 1% quantile of that variance.
     """
-    from .units import calibration_mode
-
     terminals = {g.terminal.target for g in plan.groups
                  if g.terminal is not None and g.terminal.kind == "norm"}
     floors: dict[str, tuple[float, float]] = {}

@@ -100,11 +100,3 @@ def _sort_metadata_(path: str) -> None:
         if len(text) <= n:
             f.seek(8)
             f.write(text + b" " * (n - len(text)))
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file, without loading its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})

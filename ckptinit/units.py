@@ -129,13 +129,6 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
     return UnitScan(units=units, never_called=never, batchnorm_order=bn_order)
 
 
-def channel_view(z: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """(channels, samples) view of a unit output: convs have channels at dim 1, linears last."""
-    if isinstance(module, nn.Linear):
-        return z.reshape(-1, z.shape[-1]).t()
-    return z.transpose(0, 1).reshape(z.shape[1], -1)
-
-
 def channel_shape(z: torch.Tensor, module: nn.Module) -> tuple[int, ...]:
     """Shape that broadcasts a per-channel vector against the unit output."""
     if isinstance(module, nn.Linear):
@@ -187,11 +180,6 @@ class _Node:
         return id(self)
 
 
-def _op_name(func) -> str:
-    name = getattr(func, "__name__", str(func))
-    return name
-
-
 def trace_followers(model: nn.Module, sample: torch.Tensor, units: list[Unit]) -> dict:
     """Map each unit name to its Follower, from one forward pass on `sample`."""
     from torch.overrides import TorchFunctionMode
@@ -235,7 +223,8 @@ def trace_followers(model: nn.Module, sample: torch.Tensor, units: list[Unit]) -
             if depth[0] == 0:
                 outs = tensors(out)
                 if outs:
-                    record(_op_name(func), None, tensors((args, kwargs)), outs)
+                    name = getattr(func, "__name__", str(func))
+                    record(name, None, tensors((args, kwargs)), outs)
             return out
 
     pending: dict = {}

@@ -9,7 +9,7 @@ from torch import nn
 
 from ckptinit.api import rescale
 from ckptinit.options import RescaleOptions
-from ckptinit.units import calibration_mode, channel_view, scan_units
+from ckptinit.units import calibration_mode, scan_units
 from ckptinit.within import measure_outputs
 
 WITHIN = dict(between=False, weights="keep", within=True)
@@ -164,12 +164,6 @@ def test_loaded_units_and_batchnorm_left_alone_when_only_the_head_is_new():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}
     assert report.unit("fc").draw == "gaussian"
-
-
-def test_channel_view_linear_tokens():
-    lin = nn.Linear(4, 6)
-    z = torch.randn(2, 5, 6)
-    assert channel_view(z, lin).shape == (6, 10)
 
 
 def test_explicit_weights_redraw_loaded_units_too():
