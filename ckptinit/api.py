@@ -43,6 +43,16 @@ def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> lis
     return [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
 
 
+def _new_report(command: str, options: RescaleOptions, scan) -> tuple[RunReport, dict]:
+    """A report with one record per unit, and the records by unit name."""
+    report = RunReport(version=__version__, command=command, options=asdict(options),
+                       never_called=scan.never_called)
+    report.units = [
+        UnitRecord(name=u.name, kind=u.kind, shape=u.shape, calls=u.calls) for u in scan.units
+    ]
+    return report, {r.name: r for r in report.units}
+
+
 def rescale(
     model: nn.Module,
     images: torch.Tensor,
@@ -70,14 +80,7 @@ def rescale(
     batches = _batches(images, options.batch_size, device)
     scan = scan_units(model, batches[0][:2])
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
-    report = RunReport(
-        version=__version__, command="rescale", options=asdict(options),
-        never_called=scan.never_called,
-    )
-    report.units = [
-        UnitRecord(name=u.name, kind=u.kind, shape=u.shape, calls=u.calls) for u in scan.units
-    ]
-    records = {r.name: r for r in report.units}
+    report, records = _new_report("rescale", options, scan)
     report.timings["scan"] = time.perf_counter() - t0
 
     if options.within is None and options.weights is None:
@@ -245,12 +248,7 @@ def measure(
     model.to(device)
     batches = _batches(images, options.batch_size, device)
     scan = scan_units(model, batches[0][:2])
-    report = RunReport(version=__version__, command="measure", options=asdict(options),
-                       never_called=scan.never_called)
-    report.units = [
-        UnitRecord(name=u.name, kind=u.kind, shape=u.shape, calls=u.calls) for u in scan.units
-    ]
-    records = {r.name: r for r in report.units}
+    report, records = _new_report("measure", options, scan)
     with calibration_mode(model):
         moments = measure_outputs(model, scan.units, batches)
     for u in scan.units:

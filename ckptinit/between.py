@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import FunctionChangedError
 from .report import FunctionCheck, UnitRecord
-from .units import Follower, Unit, calibration_mode
+from .units import Follower, Unit, calibration_mode, removing
 
 log = logging.getLogger(__name__)
 
@@ -290,12 +290,8 @@ def norm_floors(model: nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, 
 
     for name in terminals:
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-    try:
-        with calibration_mode(model):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing(handles), calibration_mode(model):
+        model(batch)
     return floors
 
 
@@ -324,11 +320,10 @@ def _eval_outputs(model: nn.Module, images: Sequence[torch.Tensor],
     handles = [h.register_forward_pre_hook(lambda m, a: seen.append(a[0].double().flatten(1)))
                for h in heads]
     try:
-        outs = [_output_tensor(model(x)).double().flatten(1) for x in images]
+        with removing(handles):
+            outs = [_output_tensor(model(x)).double().flatten(1) for x in images]
         return torch.cat(seen if heads else outs)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was)
 
 

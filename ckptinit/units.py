@@ -49,6 +49,16 @@ class UnitScan:
     batchnorm_order: dict[str, int]  # BN module name -> position among all leaf calls
 
 
+@contextmanager
+def removing(handles: list) -> Iterator[None]:
+    """Hooks registered for one block of work, removed however the block ends."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def is_unit(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return isinstance(module, UNIT_TYPES) and isinstance(w, torch.Tensor) and w.dim() >= 2
@@ -116,12 +126,8 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
         handles.append(m.register_forward_pre_hook(unit_hook(name)))
     for name, m in bns.items():
         handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    try:
-        with torch.no_grad(), calibration_mode(model):
-            model(sample)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing(handles), torch.no_grad(), calibration_mode(model):
+        model(sample)
     units = sorted(seen.values(), key=lambda u: u.order)
     never = [n for n in candidates if n not in seen]
     if never:
@@ -243,12 +249,8 @@ def trace_followers(model: nn.Module, sample: torch.Tensor, units: list[Unit]) -
     for m in leaves:
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    try:
-        with torch.no_grad(), calibration_mode(model), Mode():
-            out = model(sample)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing(handles), torch.no_grad(), calibration_mode(model), Mode():
+        out = model(sample)
     for t in tensors(out):
         if id(t) in producer:
             producer[id(t)].is_output = True

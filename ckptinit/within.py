@@ -20,7 +20,7 @@ from torch import nn
 
 from .report import UnitRecord
 from .stats import Moments
-from .units import UnitScan, batchnorms, calibration_mode, channel_shape
+from .units import UnitScan, batchnorms, calibration_mode, channel_shape, removing
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,10 @@ def _streaming_pass(model, units, batches, records, draws, beta, draw_fn) -> Non
     for u in units:
         handles.append(u.module.register_forward_pre_hook(pre_hook))
         handles.append(u.module.register_forward_hook(hook))
-    try:
+    with removing(handles):
         for batch in batches:
             seen.clear()
             model(batch)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def measure_outputs(model: nn.Module, units: Sequence, batches: Sequence[torch.Tensor]) -> dict:
@@ -192,14 +189,10 @@ def measure_outputs(model: nn.Module, units: Sequence, batches: Sequence[torch.T
         moments[name] = moments[name] + m if name in moments else m
 
     handles = [u.module.register_forward_hook(hook) for u in units]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                seen.clear()
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing(handles), torch.no_grad():
+        for batch in batches:
+            seen.clear()
+            model(batch)
     return moments
 
 
