@@ -269,6 +269,8 @@ def norm_floors(model: nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, 
     terminals = {g.terminal.target for g in plan.groups
                  if g.terminal is not None and g.terminal.kind == "norm"}
     floors: dict[str, tuple[float, float]] = {}
+    if not terminals:  # no LayerNorm/GroupNorm terminal: spare the forward pass
+        return floors
     handles = []
 
     def hook_for(name):
