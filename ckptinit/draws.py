@@ -384,6 +384,8 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
         r = x[:, :, i : i + _GRAM_BLOCK].transpose(1, 2) @ x[:, :, i:]
         out[:, i : i + _GRAM_BLOCK, i:] = r
         out[:, i:, i : i + _GRAM_BLOCK] = r.transpose(1, 2)
+        d = r[:, :, :_GRAM_BLOCK]  # the diagonal block: GEMM does not make it symmetric
+        out[:, i : i + _GRAM_BLOCK, i : i + _GRAM_BLOCK] = (d + d.transpose(1, 2)) / 2
     return out
 
 
