@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from ckptinit.api import rescale
-from ckptinit.calib import load_calibration, resolve_data_config
+from ckptinit.data.calibration import load_calibration, resolve_data_config
+from ckptinit.method.units import scan_units
+from ckptinit.method.within import measure_outputs
 from ckptinit.options import CalibrationOptions, RescaleOptions
-from ckptinit.units import scan_units
-from ckptinit.within import measure_outputs
 
 OTHER = ["stereo_motorcycle", "moon", "page", "eagle", "cat", "colorwheel", "text", "lily",
          "skin", "microaneurysms"]

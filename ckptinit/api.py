@@ -14,10 +14,10 @@ from torch import nn
 
 from . import __version__
 from .errors import UsageError
+from .method.units import is_unit, scan_units
+from .method.within import normalize_within_
 from .options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
 from .report import RunReport, UnitRecord
-from .units import is_unit, scan_units
-from .within import normalize_within_
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def rescale(
         generator = torch.Generator(device=device).manual_seed(options.seed)
 
         def draw_fn(module, x, method):
-            from .draws import draw_weight_
+            from .method.draws import draw_weight_
 
             return draw_weight_(module, x, method, generator, options.patch_budget)
 
@@ -138,9 +138,9 @@ def rescale_checkpoint(
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
     """SOURCE -> calibration images -> `rescale` -> safetensors file with provenance."""
-    from .calib import check_data, load_calibration
-    from .checkpoint import check_output, save_checkpoint
-    from .source import load_source
+    from .data.calibration import check_data, load_calibration
+    from .output.checkpoint import check_output, save_checkpoint
+    from .sources.load import load_source
 
     options = options or RescaleOptions()
     calib_options = calib_options or CalibrationOptions()
@@ -197,8 +197,8 @@ def describe_method(report: RunReport) -> str:
 
 
 def _between(model, scan, batches, holdout, report, options, fresh, note) -> None:
-    from .between import plan_moves, rescale_between_
-    from .units import trace_followers
+    from .method.between import plan_moves, rescale_between_
+    from .method.units import trace_followers
 
     t = time.perf_counter()
     note("tracing the data flow")
@@ -238,9 +238,9 @@ def measure(
     statistics, dropout off); the compensation column says what the between-layer step
     could do with each unit.
     """
-    from .between import describe, estimate_rates, plan_moves
-    from .units import calibration_mode, trace_followers
-    from .within import measure_outputs
+    from .method.between import describe, estimate_rates, plan_moves
+    from .method.units import calibration_mode, trace_followers
+    from .method.within import measure_outputs
 
     options = options or RescaleOptions()
     device = resolve_device(options.device)
@@ -289,8 +289,8 @@ def measure_source(
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
     """SOURCE -> calibration images -> `measure` (nothing is written)."""
-    from .calib import check_data, load_calibration
-    from .source import load_source
+    from .data.calibration import check_data, load_calibration
+    from .sources.load import load_source
 
     check_data(calib_options or CalibrationOptions())
     step = progress or (lambda stage, done, total: None)

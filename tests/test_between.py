@@ -11,11 +11,11 @@ from conftest import smooth_images
 from torch import nn
 
 from ckptinit.api import measure, rescale
-from ckptinit.between import estimate_rates, plan_moves, rescale_between_
 from ckptinit.errors import FunctionChangedError
+from ckptinit.method.between import estimate_rates, plan_moves, rescale_between_
+from ckptinit.method.units import scan_units, trace_followers
 from ckptinit.options import RescaleOptions
 from ckptinit.report import UnitRecord
-from ckptinit.units import scan_units, trace_followers
 
 LOADED = dict(within=False, weights="keep")
 
@@ -179,7 +179,7 @@ def test_estimates_are_reproducible_and_leave_the_model_alone():
 
 
 def test_function_change_refused_beyond_tolerance(monkeypatch):
-    import ckptinit.between as between
+    import ckptinit.method.between as between
 
     def sabotage(model, group, scales):  # a move that forgets to compensate
         for u, r in zip(group.units, scales):

@@ -15,8 +15,13 @@ import timm
 import torch
 from PIL import Image
 
-from ckptinit import calib
-from ckptinit.calib import CalibrationSet, load_calibration, resolve_data_config, samples_dir
+from ckptinit.data import calibration as calib
+from ckptinit.data.calibration import (
+    CalibrationSet,
+    load_calibration,
+    resolve_data_config,
+    samples_dir,
+)
 from ckptinit.errors import DataError, UsageError
 from ckptinit.options import CalibrationOptions
 

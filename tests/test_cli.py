@@ -21,7 +21,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ckptinit import __version__
-from ckptinit.cli import app, parse_key_map, parse_model_args
+from ckptinit.cli.app import app, parse_key_map, parse_model_args
 from ckptinit.errors import UsageError
 
 ARCH = "test_resnet"  # timm's smallest ResNet: 16 units, ~0.5M parameters
@@ -427,7 +427,7 @@ def test_table_keeps_names_whole_at_any_width(width):
 
     from rich.console import Console
 
-    from ckptinit.console import print_report
+    from ckptinit.cli.render import print_report
 
     report = _fake_report()
     buf = StringIO()
@@ -446,7 +446,7 @@ def test_table_keeps_names_whole_at_any_width(width):
 
 
 def test_number_format():
-    from ckptinit.console import fmt_num
+    from ckptinit.cli.render import fmt_num
 
     assert [fmt_num(x) for x in (None, 0.0, 1.0, 0.05812, 167.2, 2830.4, 2.13e-5, 1.07e6)] == [
         "-", "0", "1", "0.0581", "167", "2.83e3", "2.13e-5", "1.07e6"]

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckptinit import draws
-from ckptinit.draws import DrawResult, draw_weight_
 from ckptinit.errors import UsageError
+from ckptinit.method import draws
+from ckptinit.method.draws import DrawResult, draw_weight_
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DATA_DRAWS = ("pca", "kmeans")

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ckptinit.api import rescale_checkpoint
-from ckptinit.checkpoint import save_checkpoint
 from ckptinit.errors import OutputError
 from ckptinit.options import CalibrationOptions, RescaleOptions, SourceOptions
+from ckptinit.output.checkpoint import save_checkpoint
 
 CAL = CalibrationOptions(images=16, holdout=8, input_size=32)
 OPTS = RescaleOptions(batch_size=16, grad_batches=1, iters=3)

@@ -8,9 +8,9 @@ from conftest import smooth_images
 from torch import nn
 
 from ckptinit.api import rescale
+from ckptinit.method.units import calibration_mode, scan_units
+from ckptinit.method.within import measure_outputs
 from ckptinit.options import RescaleOptions
-from ckptinit.units import calibration_mode, scan_units
-from ckptinit.within import measure_outputs
 
 WITHIN = dict(between=False, weights="keep", within=True)
 

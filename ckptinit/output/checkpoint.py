@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import OutputError
+from ..errors import OutputError
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError, UsageError
-from .options import CalibrationOptions
+from ..errors import DataError, UsageError
+from ..options import CalibrationOptions
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,10 @@ class CalibrationSet:
 
 def samples_dir() -> Path:
     """Folder of the shipped sample photos: source tree / editable install, else data-files."""
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the ckptinit folder
     candidates = [
-        here.parent / "samples" / "images",  # repository checkout, `pip install -e`
-        here / "samples" / "images",  # if ever shipped as package data
+        package.parent / "samples" / "images",  # repository checkout, `pip install -e`
+        package / "samples" / "images",  # if ever shipped as package data
         Path(sys.prefix) / "share" / "ckptinit" / "samples" / "images",  # data-files install
     ]
     for folder in candidates:
@@ -678,7 +678,7 @@ def _hub_revision(repo_id: str, revision: str | None, token: str | None) -> str 
     from huggingface_hub import HfApi, get_token
     from huggingface_hub import errors as hf_errors
 
-    from . import __version__
+    from .. import __version__
 
     try:
         info = HfApi(library_name="ckptinit", library_version=__version__).dataset_info(

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .report import RunReport, UnitRecord
+from ..report import RunReport, UnitRecord
 
 STATUS_STYLE = {"ok": "green", "dead": "yellow", "fallback": "yellow", "pinned": "cyan",
                 "excluded": "magenta", "not converged": "red", "skipped": "dim",

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import FunctionChangedError
-from .report import FunctionCheck, UnitRecord
+from ..errors import FunctionChangedError
+from ..report import FunctionCheck, UnitRecord
 from .units import Follower, Unit, calibration_mode, removing
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SourceError, UnsafePickleError
-from .options import SourceOptions
+from ..errors import SourceError, UnsafePickleError
+from ..options import SourceOptions
 
 log = logging.getLogger(__name__)
 

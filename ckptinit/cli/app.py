@@ -12,16 +12,15 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from . import __version__
-from .errors import CkptInitError, UsageError
-from .options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
+from .. import __version__
+from ..errors import CkptInitError, UsageError
+from ..options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
 
 app = typer.Typer(
     name="ckptinit",
@@ -310,7 +309,7 @@ def _write_outputs(run, json_path: Path | None, plot_path: Path | None) -> list[
             run.write_json(json_path)
             written.append(str(json_path))
     if plot_path is not None:
-        from .report import plot_rates
+        from ..report import plot_rates
 
         plot_rates(run, plot_path)
         written.append(str(plot_path))
@@ -428,8 +427,8 @@ def rescale(
             crop_pct=crop_pct, interpolation=interpolation, workers=workers)
 
         ui = _Ui(quiet)
-        from .api import rescale_checkpoint
-        from .console import print_report
+        from ..api import rescale_checkpoint
+        from .render import print_report
 
         with ui:
             run = rescale_checkpoint(source, output, options=opts, source_options=src,
@@ -497,8 +496,8 @@ def measure(
             crop_pct=crop_pct, interpolation=interpolation, workers=workers)
 
         ui = _Ui(quiet)
-        from .api import measure_source
-        from .console import print_report
+        from ..api import measure_source
+        from .render import print_report
 
         with ui:
             run = measure_source(source, options=opts, source_options=src, calib_options=cal,
@@ -524,8 +523,8 @@ def info(
     """
     with _errors():
         _Ui(quiet)  # logging and warnings on stderr
-        from .console import info_dict, print_info
-        from .source import read_info
+        from ..sources.load import read_info
+        from .render import info_dict, print_info
 
         result = read_info(file, trust_pickle=trust_pickle)
         if as_json:
@@ -539,6 +538,3 @@ def info(
 def main() -> None:
     app(prog_name="ckptinit")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

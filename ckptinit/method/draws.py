@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .errors import UsageError
-from .options import WEIGHT_DRAWS
+from ..errors import UsageError
+from ..options import WEIGHT_DRAWS
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .report import UnitRecord
+from ..report import UnitRecord
 from .stats import Moments
 from .units import UnitScan, batchnorms, calibration_mode, channel_shape, removing
 

@@ -1,0 +1,1 @@
+"""--data -> calibration images."""

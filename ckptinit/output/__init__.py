@@ -1,0 +1,1 @@
+"""What a run writes: the checkpoint and its metadata."""

@@ -1,0 +1,1 @@
+"""SOURCE -> model + what was loaded."""
