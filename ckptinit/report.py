@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ._helpers import json_default
+
 
 @dataclass
 class UnitRecord:
@@ -85,15 +87,7 @@ class RunReport:
         return d
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, (set, tuple)):
-        return list(x)
-    return str(x)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=json_default) + "\n")
 
 
 def plot_rates(report: RunReport, path: str | Path) -> None:

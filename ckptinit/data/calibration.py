@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._helpers import count, jsonable, one_line
 from ..errors import DataError, UsageError
 from ..options import CalibrationOptions
 
@@ -113,13 +114,13 @@ class CalibrationInfo:
             "shuffle_buffer": self.shuffle_buffer,
             "image_column": self.image_column,
             "available": self.available,
-            "transform": json.dumps(_jsonable(self.transform), sort_keys=True),
+            "transform": json.dumps(jsonable(self.transform, fallback=None), sort_keys=True),
         }
         return {f"data_{k}": str(v) for k, v in values.items() if v is not None}
 
     def to_dict(self) -> dict:
         """JSON-able copy (tuples become lists)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self), fallback=None)
 
 
 @dataclass
@@ -255,7 +256,7 @@ def load_calibration(
                               hold_missing, overlaps)
     if skipped:
         examples = "; ".join(f"{s.label}: {s.reason}" for s in skipped[:3])
-        notes.append(f"{_count(len(skipped), 'undecodable image')} skipped (e.g. {examples})")
+        notes.append(f"{count(len(skipped), 'undecodable image')} skipped (e.g. {examples})")
     info = CalibrationInfo(
         source=options.data,
         kind=source.kind,
@@ -273,7 +274,7 @@ def load_calibration(
         image_column=source.image_column,
         available=source.available,
         holdout_overlaps=overlaps,
-        transform=_jsonable(cfg),
+        transform=jsonable(cfg, fallback=None),
         notes=notes,
     )
     for note in notes:
@@ -691,7 +692,8 @@ def _hub_revision(repo_id: str, revision: str | None, token: str | None) -> str 
     except hf_errors.RepositoryNotFoundError:
         raise DataError(_not_found_message(repo_id)) from None
     except hf_errors.HfHubHTTPError as e:
-        raise DataError(f"The Hub refused dataset '{repo_id}': {_one_line(e)}") from None
+        raise DataError(f"The Hub refused dataset '{repo_id}': "
+                        f"{one_line(e, 200, tidy=False)}") from None
     except Exception as e:
         raise DataError(_network_message(repo_id, e)) from None
     if getattr(info, "gated", False) and not (token or get_token()):
@@ -712,7 +714,8 @@ def _not_found_message(repo_id: str) -> str:
 
 def _network_message(repo_id: str, e: BaseException) -> str:
     return (f"Cannot reach the Hugging Face Hub to stream '{repo_id}' ({type(e).__name__}: "
-            f"{_one_line(e)}); check the connection, or pass a local folder or 'samples'.")
+            f"{one_line(e, 200, tidy=False)}); check the connection, or pass a local folder "
+            "or 'samples'.")
 
 
 @contextlib.contextmanager
@@ -732,18 +735,21 @@ def _hub_errors(repo_id: str, split: str) -> Iterator[None]:
         if isinstance(e, ValueError):
             found = re.search(r"Available splits: (\[.*?\])", text)
             if found or "split" in text.lower():
-                listed = f"; splits: {found.group(1)}" if found else f" ({_one_line(e)})"
+                listed = (f"; splits: {found.group(1)}" if found
+                          else f" ({one_line(e, 200, tidy=False)})")
                 raise DataError(f"Split '{split}' not found in dataset '{repo_id}'{listed}. "
                                 "Pass --split.") from None
             configs = re.search(r"available configs: (\[.*?\])", text, re.IGNORECASE)
             if configs:
                 raise DataError(f"Dataset '{repo_id}' has several configs; pass --config, one "
                                 f"of {configs.group(1)}.") from None
-            raise DataError(f"Cannot open dataset '{repo_id}': {_one_line(e)}") from None
+            raise DataError(f"Cannot open dataset '{repo_id}': "
+                            f"{one_line(e, 200, tidy=False)}") from None
         if isinstance(e, (OSError, ConnectionError, TimeoutError)) or "http" in name.lower() \
                 or "connect" in name.lower() or "timeout" in name.lower():
             raise DataError(_network_message(repo_id, e)) from None
-        raise DataError(f"Cannot open dataset '{repo_id}': {name}: {_one_line(e)}") from None
+        raise DataError(f"Cannot open dataset '{repo_id}': {name}: "
+                        f"{one_line(e, 200, tidy=False)}") from None
 
 
 def _stream_source(ds: Any, options: CalibrationOptions, need: int, label: str) -> _Source:
@@ -775,7 +781,7 @@ def _stream_source(ds: Any, options: CalibrationOptions, need: int, label: str) 
                 raise
             except Exception as e:
                 raise DataError(f"Streaming '{label}' failed after {count} examples: "
-                                f"{type(e).__name__}: {_one_line(e)}") from None
+                                f"{type(e).__name__}: {one_line(e, 200, tidy=False)}") from None
             if count == 0 and src.image_column is not None and src.image_column not in example:
                 raise DataError(f"Column '{src.image_column}' not found in '{label}'; columns: "
                                 f"{', '.join(example)}.")
@@ -939,7 +945,7 @@ def _load_one(candidate: _Candidate, prep: _Preprocess) -> torch.Tensor | _Skip:
     try:
         image = _decode(candidate.payload, prep.mode)
     except Exception as e:  # a broken image is data, not a bug: skip it and count it
-        return _Skip(candidate.label, f"{type(e).__name__}: {_one_line(e)}")
+        return _Skip(candidate.label, f"{type(e).__name__}: {one_line(e, 200, tidy=False)}")
     return prep.evaluate(image)
 
 
@@ -1066,24 +1072,20 @@ def _stack(tensors: list[torch.Tensor], shape: tuple[int, int, int]) -> torch.Te
 
 def _selection_notes(distinct: int, calib: int, calib_missing: int, hold: int,
                      hold_missing: int, overlaps: bool) -> list[str]:
-    notes = [f"{_count(distinct, 'distinct image')} read"]
+    notes = [f"{count(distinct, 'distinct image')} read"]
     if calib_missing:
-        notes.append(f"{_count(calib, 'distinct calibration image')}; {calib_missing} more made "
+        notes.append(f"{count(calib, 'distinct calibration image')}; {calib_missing} more made "
                      "by random crops and flips of them")
     if hold and not hold_missing:
-        notes.append(f"{_count(hold, 'holdout image')}, none used for fitting")
+        notes.append(f"{count(hold, 'holdout image')}, none used for fitting")
     elif hold_missing and hold:
-        notes.append(f"{_count(hold, 'distinct holdout image')} not used for fitting; "
+        notes.append(f"{count(hold, 'distinct holdout image')} not used for fitting; "
                      f"{hold_missing} more made by random crops and flips of them")
     elif hold_missing and overlaps:
         notes.append(f"too few distinct images for a separate holdout: its "
-                     f"{_count(hold_missing, 'image')} are random crops (another seed stream) "
+                     f"{count(hold_missing, 'image')} are random crops (another seed stream) "
                      "of the calibration images")
     return notes
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _nothing_usable(source: _Source, tried: int, skipped: list[_Skip]) -> str:
@@ -1094,19 +1096,6 @@ def _nothing_usable(source: _Source, tried: int, skipped: list[_Skip]) -> str:
             f"(e.g. {skipped[0].label}: {skipped[0].reason}); pass another folder or dataset.")
 
 
-def _one_line(e: BaseException | str, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 @contextlib.contextmanager
 def _data_errors(what: str) -> Iterator[None]:
     """Turn unexpected reader failures of local datasets into one-line DataErrors."""
@@ -1115,7 +1104,7 @@ def _data_errors(what: str) -> Iterator[None]:
     except (DataError, UsageError):
         raise
     except Exception as e:
-        raise DataError(f"{what}: {type(e).__name__}: {_one_line(e)}") from None
+        raise DataError(f"{what}: {type(e).__name__}: {one_line(e, 200, tidy=False)}") from None
 
 
 @contextlib.contextmanager

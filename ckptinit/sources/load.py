@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._helpers import cut, jsonable, one_line
 from ..errors import SourceError, UnsafePickleError
 from ..options import SourceOptions
 
@@ -149,7 +150,7 @@ class LoadedModel:
             "architecture": self.architecture,
             "arch_from": self.arch_from,
             "num_classes": self.num_classes,
-            "model_args": {k: _jsonable(v) for k, v in self.model_args.items()},
+            "model_args": {k: jsonable(v) for k, v in self.model_args.items()},
             "pretrained": self.pretrained,
             "nested_key": self.nested_key,
             "stripped_prefixes": list(self.stripped_prefixes),
@@ -210,7 +211,7 @@ def create_architecture(
     try:
         return timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
     except TypeError as e:
-        raise SourceError(f"Cannot build '{name}' with {kwargs}: {_one_line(e)}") from e
+        raise SourceError(f"Cannot build '{name}' with {kwargs}: {one_line(e)}") from e
 
 
 def _pretrained_cfg_overlay(pretrained_cfg: Mapping[str, Any] | None) -> dict | None:
@@ -408,7 +409,7 @@ def _timm_error(source: str, repo_id: str | None, e: Exception) -> SourceError:
     """One line for a hub/local-dir failure, with the next step."""
     kinds = {c.__name__ for c in type(e).__mro__}
     name = type(e).__name__
-    msg = _one_line(e)
+    msg = one_line(e)
     if "Unknown model" in msg:
         return SourceError(f"{source}: its config.json names an architecture timm lacks ({msg}).")
     if repo_id is not None:
@@ -501,7 +502,7 @@ def _is_safetensors(p: Path) -> bool:
         with p.open("rb") as f:
             head = f.read(9)
     except OSError as e:
-        raise SourceError(f"Cannot read {p}: {_one_line(e)}") from e
+        raise SourceError(f"Cannot read {p}: {one_line(e)}") from e
     return len(head) == 9 and head[8:9] == b"{"
 
 
@@ -514,7 +515,7 @@ def _load_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             meta = dict(f.metadata() or {})
         return load_file(str(p), device="cpu"), meta
     except Exception as e:
-        raise SourceError(f"Cannot read {p.name} as safetensors: {_one_line(e)}") from e
+        raise SourceError(f"Cannot read {p.name} as safetensors: {one_line(e)}") from e
 
 
 def _torch_load(p: Path, trust_pickle: bool) -> Any:
@@ -529,7 +530,7 @@ def _torch_load(p: Path, trust_pickle: bool) -> Any:
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if trust_pickle:
-            raise SourceError(f"Cannot unpickle {p.name}: {_one_line(e)}") from e
+            raise SourceError(f"Cannot unpickle {p.name}: {one_line(e)}") from e
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         needs = f"`{found.group(1)}`" if found else "objects"
         raise UnsafePickleError(
@@ -538,7 +539,7 @@ def _torch_load(p: Path, trust_pickle: bool) -> Any:
             "where it came from."
         ) from e
     except Exception as e:
-        raise SourceError(f"Cannot read {p.name} as a PyTorch checkpoint: {_one_line(e)}") from e
+        raise SourceError(f"Cannot read {p.name} as a PyTorch checkpoint: {one_line(e)}") from e
 
 
 def _load_file_source(source: str, options: SourceOptions) -> LoadedModel:
@@ -630,7 +631,7 @@ def _read_config_beside(p: Path) -> dict | None:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        log.warning("Ignoring unreadable %s: %s", cfg_path, _one_line(e))
+        log.warning("Ignoring unreadable %s: %s", cfg_path, one_line(e))
         return None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str):
         log.info("Ignoring %s: not a timm config (no 'architecture')", cfg_path)
@@ -917,7 +918,7 @@ def _adapt_with_timm_filter(
     try:
         out = fn(sd, model)
     except Exception as e:  # noqa: BLE001 - filters assume timm's layouts; best effort
-        log.debug("timm checkpoint filter failed (%s); mismatched tensors dropped", _one_line(e))
+        log.debug("timm checkpoint filter failed (%s); mismatched tensors dropped", one_line(e))
         return {}
     adapted = {}
     for mk in m.mismatched:
@@ -1015,7 +1016,7 @@ def _safetensors_info(p: Path, size: int) -> CheckpointInfo:
                 count += numel
                 n += 1
     except Exception as e:
-        raise SourceError(f"Cannot read {p.name} as safetensors: {_one_line(e)}") from e
+        raise SourceError(f"Cannot read {p.name} as safetensors: {one_line(e)}") from e
     return CheckpointInfo(
         path=str(p),
         format="safetensors",
@@ -1051,7 +1052,7 @@ def _pickle_info(p: Path, size: int, obj: Any) -> CheckpointInfo:
             if isinstance(k, str) and isinstance(v, (str, int, float, bool)):
                 meta[k] = str(v)
             elif isinstance(k, str) and isinstance(v, argparse.Namespace):
-                meta[k] = _cut(repr(vars(v)), 500)
+                meta[k] = cut(repr(vars(v)), 500)
     return CheckpointInfo(
         path=str(p),
         format="pickle",
@@ -1124,7 +1125,7 @@ def _parse_model_args(value: str | None, p: Path) -> dict:
         args = ast.literal_eval(value)
     except (ValueError, SyntaxError) as e:
         raise SourceError(
-            f"{p.name}: cannot parse its model_args metadata ({_cut(value, 80)}); "
+            f"{p.name}: cannot parse its model_args metadata ({cut(value, 80)}); "
             "pass --arch and --model-args instead."
         ) from e
     if not isinstance(args, dict):
@@ -1136,22 +1137,3 @@ def _join_head(names: list[str]) -> str:
     head = ",".join(names[:METADATA_LIST_LIMIT])
     return head + (",..." if len(names) > METADATA_LIST_LIMIT else "")
 
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    return repr(v)
-
-
-def _one_line(e: BaseException | str) -> str:
-    text = str(e).replace("\x1b[1m", "").replace("\x1b[0m", "")
-    text = " ".join(text.split())
-    return _cut(text or type(e).__name__, 300)
-
-
-def _cut(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
