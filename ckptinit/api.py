@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -140,6 +139,7 @@ def rescale_checkpoint(
     """SOURCE -> calibration images -> `rescale` -> safetensors file with provenance."""
     from .data.calibration import check_data, load_calibration
     from .output.checkpoint import check_output, save_checkpoint
+    from .output.metadata import build_header
     from .sources.load import load_source
 
     options = options or RescaleOptions()
@@ -161,14 +161,9 @@ def rescale_checkpoint(
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
     step("writing checkpoint", 0, None)
-    metadata = {
-        "ckptinit_version": __version__,
-        "method": describe_method(report),
-        "options": json.dumps(report.options, sort_keys=True),
-        "seed": str(options.seed),
-        **loaded.metadata(),
-        **calib.info.metadata(),
-    }
+    metadata = build_header(version=__version__, method=describe_method(report),
+                            options=report.options, seed=options.seed, loaded=loaded,
+                            data=calib.info)
     save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
     return report
 

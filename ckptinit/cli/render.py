@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..output import metadata as md
 from ..report import RunReport, UnitRecord
 
 STATUS_STYLE = {"ok": "green", "dead": "yellow", "fallback": "yellow", "pinned": "cyan",
@@ -298,26 +299,31 @@ def _options_text(raw: str) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(opts.items()))
 
 
-def _data_text(meta: dict[str, str]) -> str | None:
-    if "data_source" not in meta:
+# the data_* keys summed up in the one `data` line of the provenance
+DATA_SHOWN = ("source", "kind", "split", "config", "revision", "images", "holdout", "distinct",
+              "augmented", "skipped")
+
+
+def _data_text(data: dict[str, str]) -> str | None:
+    """The calibration data in one line, from the provenance's data_* keys (no prefix)."""
+    if "source" not in data:
         return None
-    kind = meta.get("data_kind")
-    text = meta["data_source"] + (f" ({kind})" if kind and kind != meta["data_source"] else "")
-    for key, label in (("data_split", "split"), ("data_config", "config"),
-                       ("data_revision", "revision")):
-        if meta.get(key):
-            text += f", {label} {meta[key]}"
-    counts = [f"{meta.get('data_images', '?')} images + {meta.get('data_holdout', '?')} holdout"]
+    kind = data.get("kind")
+    text = data["source"] + (f" ({kind})" if kind and kind != data["source"] else "")
+    for key in ("split", "config", "revision"):
+        if data.get(key):
+            text += f", {key} {data[key]}"
+    counts = [f"{data.get('images', '?')} images + {data.get('holdout', '?')} holdout"]
     for key in ("distinct", "augmented", "skipped"):
-        if f"data_{key}" in meta:
-            counts.append(f"{meta[f'data_{key}']} {key}")
+        if key in data:
+            counts.append(f"{data[key]} {key}")
     return f"{text}: {', '.join(counts)}"
 
 
 def print_info(info, console: Console) -> None:
     """Short summary of a checkpoint file: what it holds, what made it, other metadata."""
-    meta = dict(info.metadata)
-    prov = dict(info.provenance)
+    header = md.read_header(info.metadata)
+    meta, prov = header.metadata, header.provenance
     sections: list[tuple[str, list[tuple[str, str]]]] = []
 
     rows: list[tuple[str, str]] = []
@@ -343,26 +349,23 @@ def print_info(info, console: Console) -> None:
 
     if prov:
         rows = []
-        shown = {"ckptinit_version", "method", "source", "source_revision", "seed", "options"}
-        rows.append(("version", prov.get("ckptinit_version", "-")))
-        rows.append(("method", prov.get("method", "-")))
-        source = prov.get("source", "-")
-        if prov.get("source_revision"):
-            source += f" @ {prov['source_revision']}"
+        shown = {md.VERSION, md.METHOD, md.SOURCE, md.SOURCE_REVISION, md.SEED, md.OPTIONS}
+        rows.append(("version", prov.get(md.VERSION, "-")))
+        rows.append(("method", prov.get(md.METHOD, "-")))
+        source = prov.get(md.SOURCE, "-")
+        if prov.get(md.SOURCE_REVISION):
+            source += f" @ {prov[md.SOURCE_REVISION]}"
         rows.append(("source", source))
-        data = _data_text(prov)
+        data = _data_text(header.data())
         if data:
             rows.append(("data", data))
-            shown |= {f"data_{k}" for k in ("source", "kind", "split", "config", "revision",
-                                            "images", "holdout", "distinct", "augmented",
-                                            "skipped")}
-        rows.append(("seed", prov.get("seed", "-")))
-        if "options" in prov:
-            rows.append(("options", _options_text(prov["options"])))
+            shown |= {md.DATA_PREFIX + k for k in DATA_SHOWN}
+        rows.append(("seed", prov.get(md.SEED, "-")))
+        if md.OPTIONS in prov:
+            rows.append(("options", _options_text(prov[md.OPTIONS])))
         rows += [(key, prov[key]) for key in sorted(k for k in prov if k not in shown)]
         sections.append(("ckptinit provenance", rows))
-    rest = {k: v for k, v in meta.items() if k not in prov
-            and k not in ("architecture", "num_classes", "model_args")}
+    rest = {k: v for k, v in meta.items() if k not in prov and k not in md.REBUILD_KEYS}
     if rest:
         sections.append(("other metadata", [(k, rest[k]) for k in sorted(rest)]))
 

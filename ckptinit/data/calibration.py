@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from torch import nn
 from .._helpers import count, jsonable, one_line
 from ..errors import DataError, UsageError
 from ..options import CalibrationOptions
+from ..output.metadata import data_fields
 
 log = logging.getLogger(__name__)
 
@@ -91,32 +91,8 @@ class CalibrationInfo:
     notes: list[str] = field(default_factory=list)
 
     def metadata(self) -> dict[str, str]:
-        """Flat str->str for the safetensors header; local paths are reduced to their name."""
-        if self.kind == "hub":
-            resolved = self.resolved
-        elif self.kind == "samples":
-            resolved = "samples"
-        else:  # keep home-folder paths out of checkpoints that may be published
-            resolved = Path(self.resolved).name
-        values: dict[str, Any] = {
-            "source": self.source,
-            "kind": self.kind,
-            "resolved": resolved,
-            "images": self.num_images,
-            "holdout": self.num_holdout,
-            "distinct": self.distinct_sources,
-            "augmented": self.augmented,
-            "skipped": self.skipped,
-            "seed": self.seed,
-            "split": self.split,
-            "revision": self.revision,
-            "config": self.config,
-            "shuffle_buffer": self.shuffle_buffer,
-            "image_column": self.image_column,
-            "available": self.available,
-            "transform": json.dumps(jsonable(self.transform, fallback=None), sort_keys=True),
-        }
-        return {f"data_{k}": str(v) for k, v in values.items() if v is not None}
+        """Flat str->str for the safetensors header (written by output/metadata.py)."""
+        return data_fields(self)
 
     def to_dict(self) -> dict:
         """JSON-able copy (tuples become lists)."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import OutputError
+from .metadata import with_format
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def save_checkpoint(
 
     path = check_output(path, force)
     tensors = state_for_saving(model, originals)
-    meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}}
+    meta = with_format(metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:

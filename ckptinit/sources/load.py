@@ -11,7 +11,6 @@ and everything that was not loaded is listed rather than silently lost.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import json
@@ -31,6 +30,7 @@ from torch import nn
 from .._helpers import cut, jsonable, one_line
 from ..errors import SourceError, UnsafePickleError
 from ..options import SourceOptions
+from ..output.metadata import Header, read_header, source_fields
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,6 @@ KNOWN_PREFIXES = (
 MIN_MATCH_FRACTION = 0.5  # of the model's parameters (classifier excluded) that must load
 MAX_MISMATCH_FRACTION = 0.1  # of them that may have a same-name tensor of another shape,
 MAX_MISMATCHES = 2  # or this many (a changed in_chans or pos_embed size)
-METADATA_LIST_LIMIT = 20  # names kept in the safetensors header for long lists
-# Metadata keys that describe the architecture rather than how the file was made.
-_ARCH_KEYS = ("format", "architecture", "num_classes", "model_args")
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -111,32 +108,8 @@ class LoadedModel:
     )
 
     def metadata(self) -> dict[str, str]:
-        """String metadata for the safetensors header; long lists are cut, with counts.
-
-        A file source is named by its file name only: the header may be published, and a
-        local path says nothing useful to anyone else.
-        """
-        source = Path(self.source).name if self.kind == "file" else self.source
-        meta = {"architecture": self.architecture, "source": source}
-        if self.revision:
-            meta["source_revision"] = self.revision
-        if self.model_args:
-            meta["model_args"] = repr(self.model_args)
-        if self.num_classes is not None:
-            meta["num_classes"] = str(self.num_classes)
-        if self.pretrained:
-            meta["loaded_tensors"] = str(len(self.loaded_keys))
-            meta["missing_count"] = str(len(self.missing_keys))
-            meta["missing_keys"] = _join_head(self.missing_keys)
-            meta["dropped_count"] = str(len(self.dropped_keys))
-            meta["dropped_keys"] = _join_head(self.dropped_keys)
-            if self.nested_key:
-                meta["source_nested_key"] = self.nested_key
-            if self.stripped_prefixes:
-                meta["source_prefix"] = ",".join(self.stripped_prefixes)
-            if self.key_map:
-                meta["source_key_map"] = ",".join(f"{k}={v}" for k, v in self.key_map.items())
-        return meta
+        """String metadata for the safetensors header (written by output/metadata.py)."""
+        return source_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description for the report: what was loaded, from where, how, and what not."""
@@ -260,11 +233,11 @@ def read_info(path: str | os.PathLike, trust_pickle: bool = False) -> Checkpoint
     else:
         obj = _torch_load(p, trust_pickle)
         info = _pickle_info(p, size, obj)
-    meta = info.metadata
-    if meta.get("architecture"):
-        info.architecture, info.arch_from = meta["architecture"], "metadata"
-        info.num_classes = _parse_int(meta.get("num_classes"))
-        info.model_args = _parse_model_args(meta.get("model_args"), p)
+    header = read_header(info.metadata)
+    if header.architecture:
+        info.architecture, info.arch_from = header.architecture, "metadata"
+        info.num_classes = header.num_classes
+        info.model_args = header.model_args(p.name)
     else:
         cfg = _read_config_beside(p)
         if cfg is not None:
@@ -273,8 +246,7 @@ def read_info(path: str | os.PathLike, trust_pickle: bool = False) -> Checkpoint
             info.model_args = cfg.get("model_args") or {}
         elif info.format == "pickle" and _checkpoint_arch(obj):
             info.architecture, info.arch_from = _checkpoint_arch(obj), "checkpoint"
-    if any(k.startswith("ckptinit") for k in meta):
-        info.provenance = {k: v for k, v in meta.items() if k not in _ARCH_KEYS}
+    info.provenance = header.provenance
     return info
 
 
@@ -548,7 +520,8 @@ def _load_file_source(source: str, options: SourceOptions) -> LoadedModel:
         obj, meta, fmt = *_load_safetensors(p), "safetensors"
     else:
         obj, meta, fmt = _torch_load(p, options.trust_pickle), {}, "pickle"
-    arch, arch_from, num_classes, model_args, pcfg = _resolve_architecture(p, options, meta, obj)
+    header = read_header(meta)
+    arch, arch_from, num_classes, model_args, pcfg = _resolve_architecture(p, options, header, obj)
     build = SourceOptions(num_classes=num_classes, model_args=model_args)
     model = create_architecture(arch, build, pretrained_cfg=pcfg)
     lm = LoadedModel(
@@ -564,14 +537,14 @@ def _load_file_source(source: str, options: SourceOptions) -> LoadedModel:
         num_classes=_model_num_classes(model, num_classes),
         key_map=dict(options.key_map),
     )
-    if meta.get("source_revision"):
-        lm.notes.append(f"file was made from {meta.get('source')}@{meta['source_revision']}")
+    if header.source_revision:
+        lm.notes.append(f"file was made from {header.source}@{header.source_revision}")
     _load_state_into(lm, obj, options)
     return lm
 
 
 def _resolve_architecture(
-    p: Path, options: SourceOptions, meta: Mapping[str, str], obj: Any
+    p: Path, options: SourceOptions, header: Header, obj: Any
 ) -> tuple[str, str, int | None, dict, dict | None]:
     """arch, where it came from, num_classes, model_args, pretrained_cfg for a file."""
     cfg = _read_config_beside(p)
@@ -583,16 +556,16 @@ def _resolve_architecture(
         arch, arch_from = options.arch, "option"
         if cfg is not None and _same_arch(cfg["architecture"], arch):
             num_classes, model_args, pcfg = cfg.get("num_classes"), cfg["model_args"], cfg["pcfg"]
-        elif meta.get("architecture") and _same_arch(meta["architecture"], arch):
-            num_classes = _parse_int(meta.get("num_classes"))
-            model_args = _parse_model_args(meta.get("model_args"), p)
+        elif header.architecture and _same_arch(header.architecture, arch):
+            num_classes = header.num_classes
+            model_args = header.model_args(p.name)
     elif cfg is not None:
         arch, arch_from = cfg["architecture"], "config.json"
         num_classes, model_args, pcfg = cfg.get("num_classes"), cfg["model_args"], cfg["pcfg"]
-    elif meta.get("architecture"):
-        arch, arch_from = meta["architecture"], "metadata"
-        num_classes = _parse_int(meta.get("num_classes"))
-        model_args = _parse_model_args(meta.get("model_args"), p)
+    elif header.architecture:
+        arch, arch_from = header.architecture, "metadata"
+        num_classes = header.num_classes
+        model_args = header.model_args(p.name)
     elif _checkpoint_arch(obj):
         arch, arch_from = _checkpoint_arch(obj), "checkpoint"
         log.info("Architecture %s taken from the checkpoint's own 'arch' entry", arch)
@@ -1108,32 +1081,4 @@ def _is_timm(name: str) -> bool:
         return bool(timm.is_model(name))
     except Exception:  # noqa: BLE001
         return False
-
-
-def _parse_int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _parse_model_args(value: str | None, p: Path) -> dict:
-    """ckptinit writes model_args as repr(dict); read it back without eval."""
-    if not value:
-        return {}
-    try:
-        args = ast.literal_eval(value)
-    except (ValueError, SyntaxError) as e:
-        raise SourceError(
-            f"{p.name}: cannot parse its model_args metadata ({cut(value, 80)}); "
-            "pass --arch and --model-args instead."
-        ) from e
-    if not isinstance(args, dict):
-        raise SourceError(f"{p.name}: model_args metadata is not a dict; pass --model-args.")
-    return args
-
-
-def _join_head(names: list[str]) -> str:
-    head = ",".join(names[:METADATA_LIST_LIMIT])
-    return head + (",..." if len(names) > METADATA_LIST_LIMIT else "")
 
