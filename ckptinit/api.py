@@ -140,7 +140,7 @@ def rescale_checkpoint(
     from .data.calibration import check_data, load_calibration
     from .output.checkpoint import check_output, save_checkpoint
     from .output.metadata import build_header
-    from .sources.load import load_source
+    from .sources import load_source
 
     options = options or RescaleOptions()
     calib_options = calib_options or CalibrationOptions()
@@ -285,7 +285,7 @@ def measure_source(
 ) -> RunReport:
     """SOURCE -> calibration images -> `measure` (nothing is written)."""
     from .data.calibration import check_data, load_calibration
-    from .sources.load import load_source
+    from .sources import load_source
 
     check_data(calib_options or CalibrationOptions())
     step = progress or (lambda stage, done, total: None)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from ckptinit.errors import SourceError, UnsafePickleError
 from ckptinit.options import SourceOptions
-from ckptinit.sources.load import CheckpointInfo, LoadedModel, load_source, read_info
+from ckptinit.sources import CheckpointInfo, LoadedModel, load_source, read_info
 
 
 class Custom:

@@ -523,7 +523,7 @@ def info(
     """
     with _errors():
         _Ui(quiet)  # logging and warnings on stderr
-        from ..sources.load import read_info
+        from ..sources import read_info
         from .render import info_dict, print_info
 
         result = read_info(file, trust_pickle=trust_pickle)
