@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptinit.api import rescale
-from ckptinit.data.calibration import load_calibration
+from ckptinit.data import load_calibration
 from ckptinit.options import CalibrationOptions, RescaleOptions
 
 HERE = Path(__file__).resolve().parent

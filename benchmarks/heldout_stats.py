@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ckptinit.api import rescale
-from ckptinit.data.calibration import load_calibration, resolve_data_config
+from ckptinit.data import load_calibration, resolve_data_config
 from ckptinit.method.units import scan_units
 from ckptinit.method.within import measure_outputs
 from ckptinit.options import CalibrationOptions, RescaleOptions

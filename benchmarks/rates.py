@@ -15,7 +15,7 @@ import timm
 import torch
 
 from ckptinit.api import measure, rescale
-from ckptinit.data.calibration import load_calibration
+from ckptinit.data import load_calibration
 from ckptinit.options import CalibrationOptions, RescaleOptions
 
 

@@ -15,13 +15,8 @@ import timm
 import torch
 from PIL import Image
 
-from ckptinit.data import calibration as calib
-from ckptinit.data.calibration import (
-    CalibrationSet,
-    load_calibration,
-    resolve_data_config,
-    samples_dir,
-)
+from ckptinit.data import CalibrationSet, load_calibration, resolve_data_config, samples_dir
+from ckptinit.data.readers import hub
 from ckptinit.errors import DataError, UsageError
 from ckptinit.options import CalibrationOptions
 
@@ -397,8 +392,8 @@ def fake_hub(monkeypatch):
             raise state["raise"]
         return FakeStream(state["rows"], state["features"], state["calls"])
 
-    monkeypatch.setattr(calib, "_hub_offline", lambda: False)
-    monkeypatch.setattr(calib, "_hub_revision", lambda repo, rev, token: "0123abcd")
+    monkeypatch.setattr(hub, "_hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "dataset_revision", lambda repo, rev, token: "0123abcd")
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return state
 
@@ -487,5 +482,5 @@ def test_hub_preflight_errors(monkeypatch):
 
         monkeypatch.setattr(HfApi, "dataset_info", info)
         with pytest.raises(DataError) as err:
-            calib._hub_revision("org/name", "v9", None)
+            hub.dataset_revision("org/name", "v9", None)
         assert expected in assert_one_line(err)
