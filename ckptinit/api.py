@@ -192,8 +192,9 @@ def describe_method(report: RunReport) -> str:
 
 
 def _between(model, scan, batches, holdout, report, options, fresh, note) -> None:
-    from .method.between import plan_moves, rescale_between_
-    from .method.units import trace_followers
+    from .method.between import rescale_between_
+    from .method.moves import plan_moves
+    from .method.trace import trace_followers
 
     t = time.perf_counter()
     note("tracing the data flow")
@@ -233,8 +234,10 @@ def measure(
     statistics, dropout off); the compensation column says what the between-layer step
     could do with each unit.
     """
-    from .method.between import describe, estimate_rates, plan_moves
-    from .method.units import calibration_mode, trace_followers
+    from .method.moves import describe, plan_moves
+    from .method.rates import estimate_rates
+    from .method.trace import trace_followers
+    from .method.units import calibration_mode
     from .method.within import measure_outputs
 
     options = options or RescaleOptions()

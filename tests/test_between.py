@@ -12,8 +12,11 @@ from torch import nn
 
 from ckptinit.api import measure, rescale
 from ckptinit.errors import FunctionChangedError
-from ckptinit.method.between import estimate_rates, plan_moves, rescale_between_
-from ckptinit.method.units import scan_units, trace_followers
+from ckptinit.method.between import rescale_between_
+from ckptinit.method.moves import plan_moves
+from ckptinit.method.rates import estimate_rates
+from ckptinit.method.trace import trace_followers
+from ckptinit.method.units import scan_units
 from ckptinit.options import RescaleOptions
 from ckptinit.report import UnitRecord
 
@@ -179,13 +182,13 @@ def test_estimates_are_reproducible_and_leave_the_model_alone():
 
 
 def test_function_change_refused_beyond_tolerance(monkeypatch):
-    import ckptinit.method.between as between
+    import ckptinit.method.moves as moves
 
     def sabotage(model, group, scales):  # a move that forgets to compensate
         for u, r in zip(group.units, scales):
             u.module.weight.mul_(r)
 
-    monkeypatch.setattr(between, "_apply_chain_", sabotage)
+    monkeypatch.setattr(moves, "apply_chain_", sabotage)
     model, x, plan, records = _bn_setup()
     with pytest.raises(FunctionChangedError, match="tolerance"):
         rescale_between_(model, plan, [x[:16]], [x[16:]], records, grad_batches=1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptinit.errors import UsageError
-from ckptinit.method import draws
+from ckptinit.method import draws, patches
 from ckptinit.method.draws import DrawResult, draw_weight_
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -157,7 +157,7 @@ def test_patches_are_what_the_conv_sees(case, budget):
     """Each patch row, dotted with the unit's filters, gives the unit's output at its position."""
     conv = _conv_cases()[case]
     x = torch.randn(3, 6, *([9] * len(conv.kernel_size)))
-    found = draws._patches(conv, x, budget, gen())
+    found = patches.extract_patches(conv, x, budget, gen())
     with torch.no_grad():
         y = conv._conv_forward(x, conv.weight, None)
     yf = y.movedim(1, -1).reshape(-1, conv.out_channels)
@@ -174,10 +174,10 @@ def test_patches_are_what_the_conv_sees(case, budget):
 def test_patches_channels_last_and_unbatched_input():
     conv = nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 7, 7)
-    ref = draws._patches(conv, x, 10**6, gen()).rows
-    cl = draws._patches(conv, x.to(memory_format=torch.channels_last), 10**6, gen()).rows
+    ref = patches.extract_patches(conv, x, 10**6, gen()).rows
+    cl = patches.extract_patches(conv, x.to(memory_format=torch.channels_last), 10**6, gen()).rows
     assert torch.equal(cl, ref)
-    single = draws._patches(conv, x[0], 10**6, gen()).rows
+    single = patches.extract_patches(conv, x[0], 10**6, gen()).rows
     assert torch.equal(single, ref[:, : single.shape[1]])
 
 
@@ -186,7 +186,7 @@ def test_patches_timm_conv2d_same(stride):
     layers = pytest.importorskip("timm.layers")
     conv = layers.Conv2dSame(3, 4, 3, stride=stride)
     x = torch.randn(2, 3, 10, 9)
-    found = draws._patches(conv, x, 10**6, gen())
+    found = patches.extract_patches(conv, x, 10**6, gen())
     with torch.no_grad():
         y = conv(x) - conv.bias.view(1, -1, 1, 1)
     yf = y.movedim(1, -1).reshape(-1, 4)
@@ -197,7 +197,7 @@ def test_patches_timm_conv2d_same(stride):
 def test_linear_rows_subsampled_to_budget():
     unit = nn.Linear(8, 4)
     x = torch.randn(5, 40, 8)
-    found = draws._patches(unit, x, 64, gen())
+    found = patches.extract_patches(unit, x, 64, gen())
     assert found.total == 200 and found.rows.shape == (1, 64, 8)
     assert torch.equal(found.rows[0], x.reshape(-1, 8)[found.positions])
     res = draw_weight_(unit, x, "pca", gen(), patch_budget=64)
@@ -326,10 +326,10 @@ def test_randomized_eigen_matches_full(monkeypatch):
     spectrum = 0.7 ** torch.arange(dim, dtype=torch.float32)
     x = torch.randn(2000, dim, generator=g) * spectrum.sqrt() @ basis.T
     p = x.unsqueeze(0)
-    cov = draws._gram(p - p.mean(1, keepdim=True)) / len(x)
-    lam_full, vec_full = draws._top_eigen(cov, k, gen())
-    monkeypatch.setattr(draws, "RANDOMIZED_MIN_DIM", 16)
-    lam_rand, vec_rand = draws._top_eigen(cov, k, gen())
+    cov = patches._gram(p - p.mean(1, keepdim=True)) / len(x)
+    lam_full, vec_full = patches._top_eigen(cov, k, gen())
+    monkeypatch.setattr(patches, "RANDOMIZED_MIN_DIM", 16)
+    lam_rand, vec_rand = patches._top_eigen(cov, k, gen())
     assert torch.allclose(lam_rand, lam_full, rtol=1e-3)
     overlap = (vec_rand[0].T @ vec_full[0]).abs().diagonal()
     assert (overlap > 0.99).all()
@@ -342,10 +342,10 @@ def test_randomized_eigen_matches_full(monkeypatch):
 
 
 def test_gram_blocked_matches_plain(monkeypatch):
-    monkeypatch.setattr(draws, "_GRAM_BLOCK", 8)
+    monkeypatch.setattr(patches, "_GRAM_BLOCK", 8)
     x = torch.randn(2, 50, 37)
     ref = torch.bmm(x.transpose(1, 2), x)
-    got = draws._gram(x)
+    got = patches._gram(x)
     assert torch.allclose(got, ref, atol=1e-4) and torch.equal(got, got.transpose(1, 2))
 
 

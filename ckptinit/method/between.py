@@ -11,249 +11,19 @@ outputs are compared before and after on held-out images.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import FunctionChangedError
 from ..report import FunctionCheck, UnitRecord
-from .units import Follower, Unit, calibration_mode, removing
-
-log = logging.getLogger(__name__)
-
-ABSORBERS = ("batchnorm", "norm", "multiplier")
-
-
-@dataclass
-class Group:
-    """Units that move together under one compensation rule."""
-
-    kind: str  # "free" | "chain" (scales must multiply to one) | "attention" | "pinned"
-    units: list[Unit]
-    terminal: Follower | None = None  # what absorbs the product of the scales
-    changes_function: bool = False  # moves that do not preserve the function (allowed)
-    reason: str = ""
-    proj_free: bool = False  # attention: the projection is followed by an absorber
-
-
-@dataclass
-class Plan:
-    groups: list[Group] = field(default_factory=list)
-
-    def group_of(self, name: str) -> Group:
-        return next(g for g in self.groups if any(u.name == name for u in g.units))
-
-
-def _output_tensor(y) -> torch.Tensor:
-    if isinstance(y, torch.Tensor):
-        return y
-    if isinstance(y, dict):
-        y = list(y.values())
-    return next(t for t in y if isinstance(t, torch.Tensor))
-
-
-def plan_moves(
-    model: nn.Module,
-    units: list[Unit],
-    followers: dict[str, Follower],
-    fresh: set[str],
-    allow_function_change: bool = False,
-) -> Plan:
-    """Group units by how their scale can be compensated (DESIGN 1.2)."""
-    by_name = {u.name: u for u in units}
-    nxt = {n: f.target for n, f in followers.items() if f.kind == "unit" and f.target in by_name}
-    has_prev = set(nxt.values())
-    plan = Plan()
-    attention = _attention_pairs(model, by_name)
-    in_attention = {n for pair in attention for n in pair}
-    for u in units:
-        if u.name in has_prev or u.name in in_attention:
-            continue
-        chain = [u]
-        while chain[-1].name in nxt:
-            chain.append(by_name[nxt[chain[-1].name]])
-        terminal = followers.get(chain[-1].name, Follower("blocked", detail="not traced"))
-        names = [c.name for c in chain]
-        if any(c.weight_standardized for c in chain):
-            plan.groups.append(Group("pinned", chain, terminal,
-                                     reason="weight-standardized conv ignores its weight scale"))
-        elif terminal.kind in ABSORBERS:
-            plan.groups.append(Group("free", chain, terminal))
-        elif allow_function_change or all(n in fresh for n in names):
-            plan.groups.append(Group("free", chain, terminal, changes_function=True,
-                                     reason="fresh" if not allow_function_change else "allowed"))
-        elif len(chain) > 1:
-            plan.groups.append(Group("chain", chain, terminal))
-        else:
-            plan.groups.append(Group("pinned", chain, terminal, reason=terminal.detail))
-    for qkv, proj in attention:
-        proj_f = followers.get(proj, Follower("blocked"))
-        plan.groups.append(Group("attention", [by_name[qkv], by_name[proj]], proj_f,
-                                 proj_free=proj_f.kind in ABSORBERS))
-    return plan
-
-
-def _attention_pairs(model: nn.Module, by_name: dict[str, Unit]) -> list[tuple[str, str]]:
-    """timm-style attention with a fused qkv and a proj, nothing between them but softmax."""
-    pairs = []
-    for name, m in model.named_modules():
-        qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
-            continue
-        if not hasattr(m, "num_heads") or getattr(m, "gate", None) is not None:
-            continue
-        if any(not isinstance(getattr(m, a, nn.Identity()), nn.Identity)
-               for a in ("q_norm", "k_norm", "norm")):
-            continue
-        if qkv.out_features != 3 * proj.in_features:
-            continue
-        q, p = f"{name}.qkv" if name else "qkv", f"{name}.proj" if name else "proj"
-        if q in by_name and p in by_name and by_name[q].calls == 1:
-            pairs.append((q, p))
-    return pairs
-
-
-@dataclass
-class Rates:
-    """Squared gradient norms (mean over draws) and squared weight norms per unit."""
-
-    grad_sq: dict[str, torch.Tensor]  # per unit: tensor of per-slice values (1 or 3 slices)
-    weight_sq: dict[str, torch.Tensor]
-
-    def rate(self, name: str) -> float:
-        g, w = float(self.grad_sq[name].sum()), float(self.weight_sq[name].sum())
-        return math.sqrt(g / w) if w > 0 and math.isfinite(g) else float("nan")
-
-
-def _slices(u: Unit, attention_units: set[str]) -> int:
-    return 3 if u.name in attention_units else 1
-
-
-def estimate_rates(
-    model: nn.Module,
-    units: list[Unit],
-    batches: Sequence[torch.Tensor],
-    draws: int,
-    seed: int,
-    attention_units: set[str] = frozenset(),
-) -> Rates:
-    """||dL/dW||^2 averaged over `draws` (batch, g) pairs; the same pairs for the same seed.
-
-    BatchNorm runs on batch statistics, as in training; its running statistics are
-    restored afterwards so that estimating never changes the model.
-    """
-    weights = [u.module.weight for u in units]
-    device = weights[0].device
-    acc = {u.name: torch.zeros(_slices(u, attention_units), dtype=torch.float64, device=device)
-           for u in units}
-    requires = [w.requires_grad for w in weights]
-    try:
-        with calibration_mode(model):
-            for w in weights:
-                w.requires_grad_(True)
-            for j in range(draws):
-                x = batches[j % len(batches)]
-                y = _output_tensor(model(x))
-                gen = torch.Generator(device=y.device).manual_seed(seed * 1000003 + j)
-                g = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
-                grads = torch.autograd.grad((g * y).sum(), weights, allow_unused=True)
-                for u, grad in zip(units, grads):
-                    if grad is None:
-                        continue
-                    parts = grad.double().reshape(_slices(u, attention_units), -1)
-                    acc[u.name] += (parts * parts).sum(1)
-    finally:
-        for w, r in zip(weights, requires):
-            w.requires_grad_(r)
-    weight_sq = {
-        u.name: (u.module.weight.detach().double().reshape(_slices(u, attention_units), -1) ** 2
-                 ).sum(1)
-        for u in units
-    }
-    return Rates({n: v / draws for n, v in acc.items()}, weight_sq)
-
-
-# --- applying moves -----------------------------------------------------------------------
-
-
-def _scale_unit_(module: nn.Module, weight_scale: float, bias_scale: float) -> None:
-    module.weight.mul_(weight_scale)
-    if module.bias is not None:
-        module.bias.mul_(bias_scale)
-
-
-def _absorb_(model: nn.Module, terminal: Follower, p: float) -> None:
-    """Undo a scale p on the input of the terminal (exactly, in eval mode too)."""
-    if terminal.kind == "batchnorm":
-        bn = model.get_submodule(terminal.target)
-        if bn.running_mean is not None:
-            bn.running_mean.mul_(p)
-            # sqrt(rv' + eps) = p sqrt(rv + eps) keeps eval-mode outputs exact
-            new_var = p * p * (bn.running_var.double() + bn.eps) - bn.eps
-            if (new_var < 0).any():
-                log.warning("%s: running variance clamped at 0 after scaling by %.3g",
-                            terminal.target, p)
-            bn.running_var.copy_(new_var.clamp_min(0).to(bn.running_var.dtype))
-    elif terminal.kind == "multiplier":
-        model.get_parameter(terminal.target).div_(p)
-    # LayerNorm / GroupNorm: scalar-invariant, nothing to do
-
-
-def _apply_chain_(model: nn.Module, group: Group, scales: list[float]) -> None:
-    cumulative = 1.0
-    for u, r in zip(group.units, scales):
-        cumulative *= r
-        _scale_unit_(u.module, r, cumulative)
-    if group.terminal is not None and group.terminal.kind in ABSORBERS:
-        _absorb_(model, group.terminal, cumulative)
-
-
-def _qkv_rate(gq, wq, s: float, a: float) -> float:
-    g = gq[0] / s**2 + gq[1] * s**2 + gq[2] / a**2
-    w = wq[0] * s**2 + wq[1] / s**2 + wq[2] * a**2
-    return math.sqrt(g / w)
-
-
-def _solve_attention(rates: Rates, group: Group, target: float, damping: float):
-    """Choose (s, a, p): q*s, k/s, v*a, proj*(p/a), proj output * p absorbed downstream."""
-    qkv, proj = group.units
-    gq = rates.grad_sq[qkv.name].tolist()
-    wq = rates.weight_sq[qkv.name].tolist()
-    c_proj = rates.rate(proj.name)
-    grid = [math.exp(x / 8) for x in range(-48, 49)]  # scales from e^-6 to e^6
-    if group.proj_free:
-        candidates = [(s, a) for s in grid for a in grid[24:73]]
-    else:
-        a = (target / c_proj) ** 0.5 if c_proj > 0 else 1.0
-        candidates = [(s, a) for s in grid]
-
-    def cost(sa):
-        s, a = sa
-        return abs(math.log(_qkv_rate(gq, wq, s, a) / target)) + 1e-3 * (
-            abs(math.log(s)) + abs(math.log(a)))
-
-    s, a = min(candidates, key=cost)
-    p = a * (c_proj / target) ** 0.5 if group.proj_free and c_proj > 0 else 1.0
-    s, a, p = s**damping, a**damping, p**damping
-    return s, a, p
-
-
-def _apply_attention_(model: nn.Module, group: Group, s: float, a: float, p: float) -> None:
-    qkv, proj = (u.module for u in group.units)
-    d = proj.in_features
-    for t in (qkv.weight, qkv.bias):
-        if t is not None:
-            t[:d].mul_(s)
-            t[d : 2 * d].div_(s)
-            t[2 * d :].mul_(a)
-    _scale_unit_(proj, p / a, p)
-    if group.proj_free:
-        _absorb_(model, group.terminal, p)
-
+from . import moves
+from .moves import Group, Plan, describe
+from .rates import Rates, estimate_rates, output_tensor
+from .units import calibration_mode, removing
 
 EPS_BUDGET = 2e-5  # relative output error a norm's eps may add where its input is smallest
 
@@ -297,9 +67,6 @@ def norm_floors(model: nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, 
     return floors
 
 
-# --- the iteration --------------------------------------------------------------------------
-
-
 @dataclass
 class BetweenResult:
     iterations: int
@@ -323,7 +90,7 @@ def _eval_outputs(model: nn.Module, images: Sequence[torch.Tensor],
                for h in heads]
     try:
         with removing(handles):
-            outs = [_output_tensor(model(x)).double().flatten(1) for x in images]
+            outs = [output_tensor(model(x)).double().flatten(1) for x in images]
         return torch.cat(seen if heads else outs)
     finally:
         model.train(was)
@@ -465,7 +232,7 @@ def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, activ
             if not all(u.name in active for u in g.units):
                 continue
             s, a, p = _solve_attention(rates, g, target, damping)
-            _apply_attention_(model, g, s, a, p)
+            moves.apply_attention_(model, g, s, a, p)
             qkv, proj = g.units
             wq = rates.weight_sq[qkv.name].tolist()
             totals[qkv.name] *= math.sqrt((s * s * wq[0] + wq[1] / (s * s) + a * a * wq[2])
@@ -493,26 +260,36 @@ def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, activ
             scales[-1] *= bounded / total
             total = bounded
             norm_scale[t] = total
-        _apply_chain_(model, g, scales)
+        moves.apply_chain_(model, g, scales)
         for u, r in zip(g.units, scales):
             totals[u.name] *= r
 
 
-def describe(g: Group, u: Unit) -> str:
-    """The report's compensation column for a unit of group g."""
-    if g.kind == "attention":
-        return "attention q/k and v/proj pairs" + (
-            f" + {g.terminal.kind} {g.terminal.target}" if g.proj_free else "")
-    if g.kind == "pinned":
-        return "-"
-    t = g.terminal
-    parts = []
-    if len(g.units) > 1:
-        parts.append(f"chain of {len(g.units)}")
-    if g.kind == "free" and t is not None and t.kind in ABSORBERS:
-        parts.append(f"{t.kind} {t.target}")
-    elif g.kind == "chain":
-        parts.append("scales multiply to 1")
-    elif g.changes_function:
-        parts.append(f"free ({g.reason})")
-    return ", ".join(parts)
+def _qkv_rate(gq, wq, s: float, a: float) -> float:
+    g = gq[0] / s**2 + gq[1] * s**2 + gq[2] / a**2
+    w = wq[0] * s**2 + wq[1] / s**2 + wq[2] * a**2
+    return math.sqrt(g / w)
+
+
+def _solve_attention(rates: Rates, group: Group, target: float, damping: float):
+    """Choose (s, a, p): q*s, k/s, v*a, proj*(p/a), proj output * p absorbed downstream."""
+    qkv, proj = group.units
+    gq = rates.grad_sq[qkv.name].tolist()
+    wq = rates.weight_sq[qkv.name].tolist()
+    c_proj = rates.rate(proj.name)
+    grid = [math.exp(x / 8) for x in range(-48, 49)]  # scales from e^-6 to e^6
+    if group.proj_free:
+        candidates = [(s, a) for s in grid for a in grid[24:73]]
+    else:
+        a = (target / c_proj) ** 0.5 if c_proj > 0 else 1.0
+        candidates = [(s, a) for s in grid]
+
+    def cost(sa):
+        s, a = sa
+        return abs(math.log(_qkv_rate(gq, wq, s, a) / target)) + 1e-3 * (
+            abs(math.log(s)) + abs(math.log(a)))
+
+    s, a = min(candidates, key=cost)
+    p = a * (c_proj / target) ** 0.5 if group.proj_free and c_proj > 0 else 1.0
+    s, a, p = s**damping, a**damping, p**damping
+    return s, a, p
