@@ -21,7 +21,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ckptinit import __version__
-from ckptinit.cli.app import app, parse_key_map, parse_model_args
+from ckptinit.cli import app
+from ckptinit.cli.options import parse_key_map, parse_model_args
 from ckptinit.errors import UsageError
 
 ARCH = "test_resnet"  # timm's smallest ResNet: 16 units, ~0.5M parameters

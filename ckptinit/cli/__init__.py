@@ -1,5 +1,24 @@
-"""The command line (`ckptinit`): a thin layer of wiring over the library."""
+"""The command line (`ckptinit`): a thin layer of wiring over the library.
 
-from .app import app, main
+app.py holds the Typer app; rescale.py, measure.py and info.py one command each;
+options.py the shared option aliases and the one conversion of their values into option
+objects; errors.py the one error-to-message table; ui.py the stderr console and progress;
+render.py what the commands print; outputs.py the report and plot files. Heavy imports
+(torch, timm, rich rendering) happen inside the commands so that --help is instant.
+Results go to stdout; progress, tables, warnings and errors to stderr.
+"""
+
+from .app import app
+from .info import info
+from .measure import measure
+from .rescale import rescale
+
+for _command in (rescale, measure, info):  # registered in the order --help lists them
+    app.command()(_command)
+
+
+def main() -> None:
+    app(prog_name="ckptinit")
+
 
 __all__ = ["app", "main"]
