@@ -8,11 +8,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import smooth_images
 from torch import nn
 
 from ckptinit.api import rescale
 from ckptinit.options import RescaleOptions
+from tests.conftest import smooth_images
 
 DATA_DRAWS = ("pca", "kmeans")
 

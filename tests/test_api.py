@@ -1,5 +1,6 @@
-"""Rescaling on top of existing checkpoints (issue 5): every layout, end to end through the
-library call the CLI uses, with the function check and a strict reload into timm."""
+"""The pipeline (api.py): rescaling on top of existing checkpoints (issue 5), every layout,
+end to end through the library call the CLI uses, with the function check and a strict reload
+into timm; measuring changes nothing."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckptinit.api import rescale_checkpoint
-from ckptinit.errors import OutputError
+from ckptinit.api import measure, rescale_checkpoint
 from ckptinit.options import CalibrationOptions, RescaleOptions, SourceOptions
-from ckptinit.output.checkpoint import save_checkpoint
+from tests.conftest import smooth_images
+from tests.method.nets import pretend_trained
 
 CAL = CalibrationOptions(images=16, holdout=8, input_size=32)
 OPTS = RescaleOptions(batch_size=16, grad_batches=1, iters=3)
@@ -116,46 +117,12 @@ def test_unchanged_tensors_keep_their_dtype(tmp_path):
     assert json.loads(meta["options"])["between"] is True
 
 
-def test_writer_is_atomic_and_refuses_overwrite(tmp_path, monkeypatch):
-    model = torch.nn.Linear(3, 2)
-    out = tmp_path / "m.safetensors"
-    save_checkpoint(model, out, {"a": "b"})
-    before = out.read_bytes()
-    with pytest.raises(OutputError, match="--force"):
-        save_checkpoint(model, out, {})
-    assert out.read_bytes() == before
-
-    import safetensors.torch as st
-
-    def broken(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(st, "save_file", broken)
-    with pytest.raises(OSError):
-        save_checkpoint(model, tmp_path / "new.safetensors", {})
-    assert not (tmp_path / "new.safetensors").exists()
-    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
-
-
-def test_shared_storage_is_deduplicated(tmp_path):
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Linear(4, 4)
-            self.b = torch.nn.Linear(4, 4)
-            self.b.weight = self.a.weight
-
-    out = save_checkpoint(Tied(), tmp_path / "t.safetensors", {})
-    saved = load_file(out)
-    assert torch.equal(saved["a.weight"], saved["b.weight"])
-
-
-def test_same_input_same_bytes(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    meta = {f"key{i}": f"value{i}" for i in range(40)}  # enough keys to expose hash order
-    a = save_checkpoint(model, tmp_path / "a.safetensors", meta)
-    b = save_checkpoint(model, tmp_path / "b.safetensors", dict(reversed(meta.items())))
-    assert a.read_bytes() == b.read_bytes()
-    assert safe_open(str(a), "pt").metadata()["key7"] == "value7"
-    assert torch.equal(load_file(a)["0.weight"], model[0].weight)
+def test_measure_changes_nothing_and_reports_rates():
+    model = pretend_trained(timm.create_model("resnet18", pretrained=False, num_classes=10))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = measure(model, smooth_images(8, 32), RescaleOptions(grad_batches=1))
+    assert all(u.rate_before and u.rate_before > 0 for u in report.units)
+    assert all(u.std_before is not None for u in report.units)
+    assert report.unit("fc").between_status == "pinned"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import smooth_images
 from torch import nn
 
 from ckptinit.api import rescale
 from ckptinit.method.units import calibration_mode, scan_units
 from ckptinit.method.within import measure_outputs
 from ckptinit.options import RescaleOptions
+from tests.conftest import smooth_images
 
 WITHIN = dict(between=False, weights="keep", within=True)
 

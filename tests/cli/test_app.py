@@ -1,0 +1,63 @@
+"""The app: help, entry points, --version, and an instant --help that imports no torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ckptinit import __version__
+from ckptinit.cli import app
+from tests.cli.helpers import invoke
+
+
+@pytest.mark.parametrize("command", [[], ["rescale"], ["measure"], ["info"]])
+def test_help_exits_zero(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_rescale_help_lists_the_option_groups():
+    result = CliRunner().invoke(app, ["rescale", "--help"], env={"COLUMNS": "200"})
+    for text in ("Model", "Calibration data", "Method", "Output", "--grad-batches",
+                 "--strip-prefix", "--key-map", "--mean", "--patch-budget", "--function-tol",
+                 "HF_TOKEN"):
+        assert text in result.output, text
+
+
+def _script() -> Path | None:
+    exe = Path(sys.executable).parent / ("ckptinit.exe" if os.name == "nt" else "ckptinit")
+    return exe if exe.exists() else None
+
+
+def test_console_script_help_is_fast_and_imports_no_torch():
+    script = _script()
+    cmd = [str(script), "--help"] if script else [sys.executable, "-m", "ckptinit", "--help"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "rescale" in proc.stdout and "measure" in proc.stdout and "info" in proc.stdout
+    assert elapsed < 5, f"--help took {elapsed:.1f}s"
+    probe = ("import sys, ckptinit.cli; heavy = [m for m in ('torch', 'timm', 'safetensors', "
+             "'matplotlib', 'datasets') if m in sys.modules]; print(','.join(heavy))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"imported at CLI import time: {proc.stdout}"
+
+
+def test_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "ckptinit", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "rescale" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "ckptinit", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.strip() == f"ckptinit {__version__}"

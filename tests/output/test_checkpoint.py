@@ -1,0 +1,56 @@
+"""Writing checkpoints: atomic, no overwrite by accident, shared storage, same bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ckptinit.errors import OutputError
+from ckptinit.output.checkpoint import save_checkpoint
+
+
+def test_writer_is_atomic_and_refuses_overwrite(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    out = tmp_path / "m.safetensors"
+    save_checkpoint(model, out, {"a": "b"})
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match="--force"):
+        save_checkpoint(model, out, {})
+    assert out.read_bytes() == before
+
+    import safetensors.torch as st
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    with pytest.raises(OSError):
+        save_checkpoint(model, tmp_path / "new.safetensors", {})
+    assert not (tmp_path / "new.safetensors").exists()
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_shared_storage_is_deduplicated(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = torch.nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+    out = save_checkpoint(Tied(), tmp_path / "t.safetensors", {})
+    saved = load_file(out)
+    assert torch.equal(saved["a.weight"], saved["b.weight"])
+
+
+def test_same_input_same_bytes(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    meta = {f"key{i}": f"value{i}" for i in range(40)}  # enough keys to expose hash order
+    a = save_checkpoint(model, tmp_path / "a.safetensors", meta)
+    b = save_checkpoint(model, tmp_path / "b.safetensors", dict(reversed(meta.items())))
+    assert a.read_bytes() == b.read_bytes()
+    assert safe_open(str(a), "pt").metadata()["key7"] == "value7"
+    assert torch.equal(load_file(a)["0.weight"], model[0].weight)
