@@ -322,7 +322,7 @@ def _data_text(data: dict[str, str]) -> str | None:
 
 def print_info(info, console: Console) -> None:
     """Short summary of a checkpoint file: what it holds, what made it, other metadata."""
-    header = md.read_header(info.metadata)
+    header = md.read_header(info.metadata, warn=False)  # read_info warned already
     meta, prov = header.metadata, header.provenance
     sections: list[tuple[str, list[tuple[str, str]]]] = []
 

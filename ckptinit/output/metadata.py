@@ -6,12 +6,18 @@ model (`architecture`, `num_classes`, `model_args`), what ran (`ckptinit_version
 ...) and the calibration images (`data_*`). `build_header` is the only code that writes
 these keys and `read_header` the only code that reads them back; `info`, the architecture
 of a file made by ckptinit, and the CLI's rendering all go through `Header`.
+
+`ckptinit_schema` numbers the layout of these keys (SCHEMA_VERSION). A header without it
+was written before the key existed and reads as schema 1. A header with a newer schema is
+read all the same, as far as its keys are known, with one warning: a newer ckptinit may
+have changed what a key means, so the reader says so rather than refusing the file.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +26,14 @@ from typing import TYPE_CHECKING, Any
 from .._helpers import cut, jsonable
 from ..errors import SourceError
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # the writer reads these types; importing them would import torch
     from ..data.calibration import CalibrationInfo
     from ..sources.load import LoadedModel
 
 FORMAT = {"format": "pt"}  # what safetensors.torch expects; first in every header
+SCHEMA, SCHEMA_VERSION = "ckptinit_schema", 1  # the layout of the keys below
 VERSION, METHOD, OPTIONS, SEED = "ckptinit_version", "method", "options", "seed"
 SOURCE, SOURCE_REVISION = "source", "source_revision"
 ARCHITECTURE, NUM_CLASSES, MODEL_ARGS = "architecture", "num_classes", "model_args"
@@ -44,6 +53,7 @@ def build_header(
 ) -> dict[str, str]:
     """The metadata of a checkpoint written by `rescale_checkpoint` (before `FORMAT`)."""
     return {
+        SCHEMA: str(SCHEMA_VERSION),
         VERSION: version,
         METHOD: method,
         OPTIONS: json.dumps(dict(options), sort_keys=True),
@@ -134,6 +144,7 @@ class Header:
     source: str | None = None
     source_revision: str | None = None
     provenance: dict[str, str] = field(default_factory=dict)  # {} unless ckptinit wrote it
+    schema: int | None = None  # SCHEMA as written; None when absent (read as schema 1)
 
     def model_args(self, file_name: str) -> dict:
         """The `model_args` written as repr(dict), read back without eval."""
@@ -157,8 +168,12 @@ class Header:
         return {k[n:]: v for k, v in self.provenance.items() if k.startswith(DATA_PREFIX)}
 
 
-def read_header(metadata: Mapping[str, str]) -> Header:
-    """Parse a safetensors header's metadata (or a pickle's scalar entries)."""
+def read_header(metadata: Mapping[str, str], *, warn: bool = True) -> Header:
+    """Parse a safetensors header's metadata (or a pickle's scalar entries).
+
+    A schema newer than SCHEMA_VERSION (or one that is not a number) is logged as a
+    warning unless `warn` is False (for a second reading of the same header).
+    """
     meta = dict(metadata)
     header = Header(
         metadata=meta,
@@ -166,7 +181,13 @@ def read_header(metadata: Mapping[str, str]) -> Header:
         num_classes=_parse_int(meta.get(NUM_CLASSES)),
         source=meta.get(SOURCE),
         source_revision=meta.get(SOURCE_REVISION),
+        schema=_parse_int(meta.get(SCHEMA)),
     )
+    known = header.schema is not None and header.schema <= SCHEMA_VERSION
+    if warn and SCHEMA in meta and not known:
+        log.warning("Header written with %s=%s; this ckptinit reads schema %d: the keys it "
+                    "knows are read as schema %d and may be misread; upgrade ckptinit.",
+                    SCHEMA, meta[SCHEMA], SCHEMA_VERSION, SCHEMA_VERSION)
     if any(k.startswith(PROVENANCE_MARK) for k in meta):
         header.provenance = {k: v for k, v in meta.items() if k not in NOT_PROVENANCE}
     return header
