@@ -69,15 +69,14 @@ def rescale(
     `holdout` images (never used for fitting) serve the checks; without them the
     calibration images are used.
     """
-    options = options or RescaleOptions()
-    if options.weights is not None and options.weights not in WEIGHT_DRAWS:
-        raise UsageError(f"Unknown --weights '{options.weights}'; use one of {WEIGHT_DRAWS}.")
+    options = _check_options(options or RescaleOptions())
     device = resolve_device(options.device)
     note = progress or (lambda msg: None)
     t0 = time.perf_counter()
     model.to(device)
     batches = _batches(images, options.batch_size, device)
-    scan = scan_units(model, batches[0][:2])
+    sample = _first(batches, 4)
+    scan = scan_units(model, sample[:2])
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
     report, records = _new_report("rescale", options, scan)
     report.timings["scan"] = time.perf_counter() - t0
@@ -91,6 +90,8 @@ def rescale(
     }
     for name in fresh_set & set(records):
         records[name].note = "fresh"
+    if options.residual_init == "data" and fresh_set >= {u.name for u in scan.units}:
+        _share_branches(model, sample, report)
     if targets:
         t = time.perf_counter()
         note(f"within-layer step on {len(targets)} units")
@@ -106,9 +107,12 @@ def rescale(
             draw_fn=draw_fn,
         )
         report.within_passes = result.passes
+        report.within_correction = result.max_correction
         report.notes.append(
-            f"within-layer: {len(targets)} units normalised in {result.passes} forward pass(es); "
-            f"{result.batchnorms_reestimated} BatchNorm layers re-estimated"
+            f"within-layer: {len(targets)} units normalised in {result.passes} forward pass(es)"
+            + (f" (largest correction in the last pass {result.max_correction:.2g})"
+               if result.passes > 1 else "")
+            + f"; {result.batchnorms_reestimated} BatchNorm layers re-estimated"
         )
         report.timings["within"] = time.perf_counter() - t
     else:
@@ -116,7 +120,8 @@ def rescale(
     if options.between:
         holdout_batches = _batches(holdout, options.batch_size, device) if holdout is not None \
             and len(holdout) else batches
-        _between(model, scan, batches, holdout_batches, report, options, fresh_set, note)
+        _between(model, scan, batches, holdout_batches, report, options, fresh_set, note,
+                 sample)
     else:
         report.notes.append("between-layer step skipped")
     if scan.never_called:
@@ -191,32 +196,66 @@ def describe_method(report: RunReport) -> str:
     return "+".join(parts) or "none"
 
 
-def _between(model, scan, batches, holdout, report, options, fresh, note) -> None:
+def _check_options(options: RescaleOptions) -> RescaleOptions:
+    from .options import OPTIMIZERS, RESIDUAL_INITS
+
+    if options.weights is not None and options.weights not in WEIGHT_DRAWS:
+        raise UsageError(f"Unknown --weights '{options.weights}'; use one of {WEIGHT_DRAWS}.")
+    if options.optimizer not in OPTIMIZERS:
+        raise UsageError(f"Unknown --optimizer '{options.optimizer}'; use one of "
+                         f"{', '.join(OPTIMIZERS)}.")
+    if options.residual_init not in RESIDUAL_INITS:
+        raise UsageError(f"Unknown --residual-init '{options.residual_init}'; use one of "
+                         f"{', '.join(RESIDUAL_INITS)}.")
+    return options
+
+
+def _first(batches, n: int) -> torch.Tensor:
+    """The first n images, for probing passes (a batch stream or a list of batches)."""
+    first = getattr(batches, "first", None)
+    return first(n) if callable(first) else next(iter(batches))[:n]
+
+
+def _share_branches(model, sample, report) -> None:
+    from .method.branches import share_residual_branches_, zero_started_multipliers
+
+    names = zero_started_multipliers(model, sample[:2])
+    if names:
+        share = share_residual_branches_(model, names)
+        report.notes.append(
+            f"residual branches: {len(names)} started at zero; their multipliers set to "
+            f"{share:.3g} = 1/sqrt({len(names)}) so that every unit takes part "
+            "(--residual-init timm keeps them)")
+
+
+def _between(model, scan, batches, holdout, report, options, fresh, note, sample) -> None:
     from .method.between import rescale_between_
     from .method.moves import plan_moves
-    from .method.trace import trace_followers
 
     t = time.perf_counter()
     note("tracing the data flow")
-    followers = trace_followers(model, batches[0][:2], scan.units)
-    plan = plan_moves(model, scan.units, followers, fresh, options.allow_function_change)
+    plan = plan_moves(model, scan.units, sample, fresh, options.allow_function_change)
     records = {r.name: r for r in report.units}
     result = rescale_between_(
-        model, plan, batches, holdout, records, grad_batches=options.grad_batches,
-        damping=options.damping, tol=options.tol, iters=options.iters, seed=options.seed,
-        function_tol=options.function_tol, progress=note,
+        model, plan, batches, holdout, records, batchnorm_order=scan.batchnorm_order,
+        grad_batches=options.grad_batches, damping=options.damping, tol=options.tol,
+        iters=options.iters, seed=options.seed, function_tol=options.function_tol,
+        optimizer=options.optimizer, progress=note,
     )
     report.between_iterations = result.iterations
     report.converged = result.converged
     report.function_check = result.check
-    pinned = [u.name for u in report.units if u.between_status == "pinned"]
-    excluded = [u.name for u in report.units if u.between_status == "excluded"]
+    counts = {s: sum(u.between_status == s for u in report.units)
+              for s in ("pinned", "excluded", "tied", "limited")}
     spread_b, spread_a = (report.rate_spread(w) or float("nan") for w in ("before", "after"))
+    rate = "lr/RMS(W) (Adam)" if options.optimizer == "adam" else "change rate"
     report.notes.append(
         f"between-layer: {result.iterations} iteration(s), "
         f"{'converged' if result.converged else 'NOT converged'} within {options.tol:.0%}; "
-        f"rate spread (max/min) {spread_b:.3g} -> {spread_a:.3g}; {len(pinned)} pinned, "
-        f"{len(excluded)} excluded (no gradient)"
+        f"{rate} spread (max/min) {spread_b:.3g} -> {spread_a:.3g}; "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + (f"; {result.batchnorms_reestimated} BatchNorm layers re-estimated"
+           if result.batchnorms_reestimated else "")
     )
     report.timings["between"] = time.perf_counter() - t
 
@@ -234,18 +273,18 @@ def measure(
     statistics, dropout off); the compensation column says what the between-layer step
     could do with each unit.
     """
-    from .method.moves import describe, plan_moves
+    from .method.moves import plan_moves
     from .method.rates import estimate_rates
-    from .method.trace import trace_followers
     from .method.units import calibration_mode
     from .method.within import measure_outputs
 
-    options = options or RescaleOptions()
+    options = _check_options(options or RescaleOptions())
     device = resolve_device(options.device)
     t0 = time.perf_counter()
     model.to(device)
     batches = _batches(images, options.batch_size, device)
-    scan = scan_units(model, batches[0][:2])
+    sample = _first(batches, 4)
+    scan = scan_units(model, sample[:2])
     report, records = _new_report("measure", options, scan)
     with calibration_mode(model):
         moments = measure_outputs(model, scan.units, batches)
@@ -253,23 +292,26 @@ def measure(
         m = moments[u.name]
         records[u.name].mean_before = float(m.mean.mean())
         records[u.name].std_before = float(m.std.mean())
-    followers = trace_followers(model, batches[0][:2], scan.units)
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
-    plan = plan_moves(model, scan.units, followers, fresh_set, options.allow_function_change)
-    attention = {g.units[0].name for g in plan.groups if g.kind == "attention"}
+    plan = plan_moves(model, scan.units, sample, fresh_set, options.allow_function_change)
     rates = estimate_rates(model, scan.units, batches, options.grad_batches, options.seed,
-                           attention)
-    for g in plan.groups:
-        for u in g.units:
-            rec = records[u.name]
-            rec.rate_before = rates.rate(u.name)
-            rec.compensation = describe(g, u)
-            if g.kind == "pinned":
-                rec.between_status, rec.between_reason = "pinned", g.reason
-            elif not rec.rate_before > 0:
-                rec.between_status, rec.between_reason = "excluded", "zero gradient"
-            else:
-                rec.between_status = "ok"
+                           plan.slices)
+    for u in scan.units:
+        rec = records[u.name]
+        rec.rate_before = rates.rate(u.name)
+        rec.compensation = plan.compensation.get(u.name, "-")
+        key = (u.name, plan.slices[u.name] - 1)
+        if key in plan.pinned:
+            rec.between_status, rec.between_reason = "pinned", plan.pinned[key]
+        elif not rec.rate_before > 0:
+            rec.between_status, rec.between_reason = "excluded", "zero gradient"
+        else:
+            rec.between_status = "ok"
+        if plan.slices[u.name] > 1:
+            rec.slices = [{"slice": "qkv"[s] if plan.slices[u.name] == 3 else "kv"[s],
+                           "rate_before": r, "status": "pinned" if (u.name, s) in plan.pinned
+                           else "balanced" if (u.name, s) in plan.balanced else "ok"}
+                          for s, r in enumerate(rates.slice_rates(u.name))]
     spread = report.rate_spread("before", movable_only=False)
     report.notes.append(
         f"change rates spread over {spread:.3g}x (max/min over units with gradient)"

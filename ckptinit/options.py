@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WEIGHT_DRAWS = ("keep", "gaussian", "orthogonal", "pca", "kmeans")
+OPTIMIZERS = ("sgd", "adam")  # whose relative step the between-layer step equalises
+RESIDUAL_INITS = ("data", "timm")  # residual branches that start at zero (fresh nets)
 
 
 @dataclass
@@ -26,6 +28,8 @@ class RescaleOptions:
     iters: int = 10
     allow_function_change: bool = False
     function_tol: float = 1e-4
+    optimizer: str = "sgd"  # sgd: ||dL/dW|| / ||W||; adam: lr / RMS(W)
+    residual_init: str = "data"  # data: zero-started branches get a share; timm: kept
 
 
 @dataclass

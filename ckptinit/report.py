@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ._helpers import json_default
 
+MOVABLE = ("ok", "not converged", "tied", "limited")  # statuses of units the step may move
+
 
 @dataclass
 class UnitRecord:
@@ -34,8 +36,9 @@ class UnitRecord:
     rate_after: float | None = None
     r: float | None = None  # cumulative weight scale applied by the between-layer step
     compensation: str | None = None
-    between_status: str | None = None  # ok | pinned | excluded | not converged
-    between_reason: str | None = None
+    between_status: str | None = None  # ok | pinned | excluded | balanced | tied | limited
+    between_reason: str | None = None  # | not converged
+    slices: list[dict] | None = None  # fused q/k/v projections: rates and status per slice
 
 
 @dataclass
@@ -62,6 +65,7 @@ class RunReport:
     never_called: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     within_passes: int = 0
+    within_correction: float | None = None  # largest per-channel correction of the last pass
     between_iterations: int = 0
     converged: bool | None = None
     function_check: FunctionCheck | None = None
@@ -73,7 +77,7 @@ class RunReport:
     def rate_spread(self, which: str = "after", movable_only: bool = True) -> float | None:
         """max/min change rate over the units the between-layer step may move (or all units
         that receive gradient)."""
-        keep = ("ok", "not converged") if movable_only else ("ok", "not converged", "pinned")
+        keep = MOVABLE if movable_only else MOVABLE + ("pinned",)
         rates = [getattr(u, f"rate_{which}") for u in self.units if u.between_status in keep]
         rates = [r for r in rates if r is not None and math.isfinite(r) and r > 0]
         return max(rates) / min(rates) if rates else None

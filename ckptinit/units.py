@@ -1,7 +1,5 @@
-"""Deprecated alias, removed in 0.3: import from ckptinit.method.units and ckptinit.method.trace
-instead."""
+"""Deprecated alias, removed in 0.3: import from ckptinit.method.units instead."""
 
-from .method.trace import NORM_TYPES, Follower, trace_followers
 from .method.units import (
     UNIT_TYPES,
     Unit,
@@ -15,6 +13,6 @@ from .method.units import (
 )
 
 __all__ = [
-    "NORM_TYPES", "UNIT_TYPES", "Follower", "Unit", "UnitScan", "batchnorms",
-    "calibration_mode", "channel_shape", "is_unit", "removing", "scan_units", "trace_followers",
+    "UNIT_TYPES", "Unit", "UnitScan", "batchnorms", "calibration_mode", "channel_shape",
+    "is_unit", "removing", "scan_units",
 ]  # fmt: skip

@@ -1,18 +1,22 @@
 """Between-layer step (the paper's Algorithm 2): equal relative change rates, same function.
 
 A unit's change rate is C = ||dL/dW|| / ||W|| under a label-free random linear loss
-L = sum(g * y). Scaling a unit by r moves its rate to C / r^2 when something downstream
-forgets the scale (BatchNorm, LayerNorm, a LayerScale multiplier, or the next units of a
-positively homogeneous chain whose scales multiply to one); the update
-r = (C / Cbar)^(alpha / 2) then equalises the rates in one step for such units. Every move
-is function-preserving by construction except where the user allows otherwise, and the
-outputs are compared before and after on held-out images.
+(rates.py). The moves are the function-preserving rescalings of the scale graph (moves.py):
+under them log C responds exactly (-2 per log-scale of the unit's weight), so the update is
+solved, not iterated blindly: a bounded least-squares fit of a common target (solve.py),
+which lands in one round. Anchors no move breaks: the model's output (hence its scale),
+every norm's eps, the attention temperature (q/k slices are only balanced), and no unit
+ends further from the mean than it started. Fresh GELU/SiLU pairs move approximately (the
+second unit is re-normalised to keep its statistics) and take a few rounds; so do units
+released by --allow-function-change. The outputs are compared before and after on
+held-out images, and exact moves must leave them unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,276 +24,264 @@ from torch import nn
 
 from ..errors import FunctionChangedError
 from ..report import FunctionCheck, UnitRecord
-from . import moves
-from .moves import Group, Plan, describe
-from .rates import Rates, estimate_rates, output_tensor
-from .units import calibration_mode, removing
+from .moves import Plan, apply_scales_
+from .rates import Key, adam_log_rates, estimate_rates, output_tensors
+from .solve import Box, Term, solve
+from .units import Unit, calibration_mode
+from .within import measure_outputs, normalize_within_, reestimate_batchnorm_
 
-EPS_BUDGET = 2e-5  # relative output error a norm's eps may add where its input is smallest
+log = logging.getLogger(__name__)
 
-
-@torch.no_grad()
-def norm_floors(model: nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, tuple]:
-    """Smallest and largest total scale each LayerNorm/GroupNorm terminal tolerates.
-
-    A norm forgets a scalar on its input only up to its eps: shrinking the input by P
-    moves the output by about eps / (2 var) * (1 / P^2 - 1) where the input variance is
-    small. The floor keeps that under EPS_BUDGET at the 1% quantile of that variance.
-    """
-    terminals = {g.terminal.target for g in plan.groups
-                 if g.terminal is not None and g.terminal.kind == "norm"}
-    floors: dict[str, tuple[float, float]] = {}
-    if not terminals:  # no LayerNorm/GroupNorm terminal: spare the forward pass
-        return floors
-    handles = []
-
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0].detach().float()
-            if isinstance(module, nn.GroupNorm):
-                var = x.reshape(x.shape[0], module.num_groups, -1).var(-1, unbiased=False)
-            elif type(module).__name__.endswith("2d"):  # timm's LayerNorm2d: NCHW, over C
-                var = x.var(1, unbiased=False)
-            else:
-                dims = tuple(range(-len(module.normalized_shape), 0))
-                var = x.var(dims, unbiased=False)
-            v = float(torch.quantile(var.flatten()[:100000], 0.01).clamp_min(1e-30))
-            room = 2.0 * v * EPS_BUDGET / module.eps  # |1 - 1/P^2| must stay under this
-            floors[name] = (1.0 / math.sqrt(1.0 + room),
-                            1.0 / math.sqrt(1.0 - room) if room < 1 else math.inf)
-
-        return hook
-
-    for name in terminals:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-    with removing(handles), calibration_mode(model):
-        model(batch)
-    return floors
+TIED_FACTOR = 3.0  # a unit predicted to stay this many tolerances off target is tied
+TIED_WEIGHT = 1e-2  # tied units still count a little: they are balanced, not dropped
+RELAX_PENALTY = 0.05  # the cost of a relaxed (approximate) move, against 2 for a rate
+SLICE_NAMES = {2: "kv", 3: "qkv"}
 
 
 @dataclass
 class BetweenResult:
     iterations: int
     converged: bool
-    target: float
+    target: float  # the common rate reached (not a log)
     check: FunctionCheck | None
-
-
-def _log_dev(c: float, target: float) -> float:
-    return abs(math.log(c / target)) if c > 0 and target > 0 else math.inf
+    batchnorms_reestimated: int = 0
 
 
 @torch.no_grad()
-def _eval_outputs(model: nn.Module, images: Sequence[torch.Tensor],
-                  heads: Sequence[nn.Module] = ()) -> torch.Tensor:
-    """Eval-mode outputs, or the inputs of `heads` (the features a new head reads)."""
+def eval_outputs(model: nn.Module, images: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Every output tensor in eval mode, flattened per image and concatenated."""
     was = model.training
     model.eval()
-    seen: list[torch.Tensor] = []
-    handles = [h.register_forward_pre_hook(lambda m, a: seen.append(a[0].double().flatten(1)))
-               for h in heads]
     try:
-        with removing(handles):
-            outs = [output_tensor(model(x)).double().flatten(1) for x in images]
-        return torch.cat(seen if heads else outs)
+        return torch.cat([torch.cat([t.double().flatten(1) for t in output_tensors(model(x))], 1)
+                          for x in images])
     finally:
         model.train(was)
-
-
-def _function_scope(plan: Plan) -> tuple[bool, list[nn.Module]]:
-    """Can the check be enforced, and on what: the outputs, or the features read by a fresh
-    head (a new classifier on loaded weights moves freely; what it reads must not move)."""
-    changing = [g for g in plan.groups if g.changes_function]
-    heads = [g.units[0].module for g in changing
-             if len(g.units) == 1 and g.terminal is not None and g.terminal.kind == "output"]
-    if len(heads) == len(changing) and len(heads) < len(
-            [g for g in plan.groups if g.kind != "pinned"]):
-        return True, heads
-    return not changing, []
 
 
 def rescale_between_(
     model: nn.Module,
     plan: Plan,
-    batches: Sequence[torch.Tensor],
-    holdout: Sequence[torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    holdout: Iterable[torch.Tensor],
     records: dict[str, UnitRecord],
     *,
-    grad_batches: int = 4,
+    batchnorm_order: dict[str, int] | None = None,
+    grad_batches: int = 2,
     damping: float = 1.0,
     tol: float = 0.01,
     iters: int = 10,
     seed: int = 0,
     function_tol: float = 1e-4,
+    optimizer: str = "sgd",
     progress: Callable[[str], None] | None = None,
 ) -> BetweenResult:
-    """Equalise the change rates of the movable units in place; fill their records.
-
-    The same (batch, g) draws are reused in every iteration, so the estimated rates are a
-    fixed function of the weights and the iteration converges instead of chasing noise.
-    """
-    units = [u for g in plan.groups for u in g.units]
-    attention_units = {g.units[0].name for g in plan.groups if g.kind == "attention"}
+    """Equalise the change rates (SGD's ||dL/dW||/||W||, or Adam's lr/RMS(W)) of the movable
+    unit slices in place; fill their records."""
     note = progress or (lambda msg: None)
-    enforce, heads = _function_scope(plan)
-    before = _eval_outputs(model, holdout, heads)
-
-    def estimate() -> Rates:
-        return estimate_rates(model, units, batches, grad_batches, seed, attention_units)
+    units, slices = plan.units, plan.slices
+    adam = optimizer == "adam"
+    before = eval_outputs(model, holdout)
+    norms_before = {u.name: float(u.module.weight.detach().double().norm()) for u in units}
 
     note("estimating change rates")
-    rates = estimate()
-    for u in units:
-        records[u.name].rate_before = rates.rate(u.name)
-    totals = {u.name: 1.0 for u in units}
-    floors = norm_floors(model, plan, batches[0])
-    norm_scale = dict.fromkeys(floors, 1.0)  # total scale applied to each norm's input
-    for g in plan.groups:
-        for u in g.units:
-            rec = records[u.name]
-            rec.compensation = describe(g, u)
-            if g.kind == "pinned":
-                rec.between_status, rec.between_reason = "pinned", g.reason
-    iteration, converged, target = 0, False, float("nan")
-    while True:
-        active = _active_units(plan, rates, records)
-        constrained = [u.name for g in plan.groups if g.kind == "chain" for u in g.units
-                       if u.name in active]
-        basis = constrained or list(active)
-        if not basis:
-            converged = True
-            break
-        target = math.exp(sum(math.log(rates.rate(n)) for n in basis) / len(basis))
-        worst = max(_log_dev(rates.rate(n), target) for n in active)
-        if worst < math.log1p(tol):
-            converged = True
-            break
-        if iteration >= iters:
+    rates = rates_first = estimate_rates(model, units, batches, grad_batches, seed, slices)
+    sgd = rates.log_rates()
+    values = adam_log_rates(units, slices) if adam else sgd
+    first = dict(values)
+    response = -1.0 if adam else -2.0
+    movable = [k for k in plan.keys if plan.movable(k)]
+    excluded = {k for k in movable if k not in sgd}  # no gradient: never moves in training
+    targeted = [k for k in movable if k not in excluded and k not in plan.balanced]
+    counted = [k for k in movable if k not in excluded]
+    t0 = sum(first[k] for k in targeted) / len(targeted) if targeted else 0.0
+    slack = {k: max(abs(first[k] - t0), math.log1p(tol)) for k in counted}
+    tied: set[Key] = set()
+    target, iteration, converged, approx_moved = t0, 0, not targeted, False
+    fixed = None  # the target, once the first solve has chosen it
+    while targeted:
+        z, target = _solve(plan, values, targeted, counted, tied, slack, response, t0, tol,
+                           fixed)
+        if fixed is None:  # later rounds only correct approximate moves: no drifting target
+            fixed = target
+            slack = {k: max(slack[k], abs(values[k] + response * float(z[plan.var(k)])
+                                          - target)) for k in counted}
+        if _worst(values, targeted, tied, target) <= math.log1p(tol) or iteration >= iters:
+            converged = _worst(values, targeted, tied, target) <= math.log1p(tol)
             break
         iteration += 1
         note(f"between-layer iteration {iteration}")
-        _step_(model, plan, rates, target, damping, active, totals, floors, norm_scale)
-        rates = estimate()
-    for u in units:
-        rec = records[u.name]
-        rec.rate_after = rates.rate(u.name)
-        rec.r = totals[u.name]
-        if rec.between_status in ("pinned", "excluded"):
-            continue
-        ok = _log_dev(rec.rate_after, target) < math.log1p(tol)
-        rec.between_status = "ok" if ok else "not converged"
-        terminal = plan.group_of(u.name).terminal
-        if not ok and terminal is not None and terminal.target in floors:
-            low, high = floors[terminal.target]
-            if not low < norm_scale[terminal.target] < high:
-                rec.between_reason = f"scale limited by the eps of {terminal.target}"
-    after = _eval_outputs(model, holdout, heads)
+        log.debug("between iteration %d: worst deviation %.3g, predicted %.3g, tied %d",
+                  iteration, _worst(values, targeted, tied, target), max(
+                      abs(values[k] + response * float(z[plan.var(k)]) - target)
+                      for k in targeted if k not in tied), len(tied))
+        worst_k = max((k for k in targeted if k not in tied), key=lambda k: abs(values[k] - target))
+        live = [values[k] for k in targeted if k not in tied]
+        log.debug("  t %.4f mean %.4f min %.4f max %.4f; tied %s", target, sum(live) / len(live),
+                  min(live), max(live), sorted(tied)[:5])
+        log.debug("  worst %s dev %.4g z %.4g max|z| %.3g", worst_k, values[worst_k] - target,
+                  float(z[plan.var(worst_k)]), float(z.abs().max()))
+        z = z * damping
+        approx_moved |= _apply_(model, plan, z, batches, batchnorm_order or {})
+        if adam:
+            values = adam_log_rates(units, slices)
+            if not approx_moved:  # exact moves: Adam's rates are what the solve predicted
+                converged = True
+                break
+        else:
+            pred = {k: values[k] + response * float(z[plan.var(k)]) for k in values}
+            rates = estimate_rates(model, units, batches, grad_batches, seed, slices)
+            values = rates.log_rates()
+            miss = sorted(((values[k] - pred[k], k) for k in values if k in pred),
+                          key=lambda a: -abs(a[0]))[:3]
+            log.debug("  response misses: %s", [(k, round(d, 4)) for d, k in miss])
+    reestimated = 0
+    if approx_moved and any(u in plan.approximate and not _renormalised(plan, u)
+                            for u in (x.name for x in units)):
+        first_moved = min(u.order for u in units if u.name in plan.approximate)
+        reestimated = reestimate_batchnorm_(model, batches, {
+            n for n, o in (batchnorm_order or {}).items() if o > first_moved})
+    _fill_records(plan, records, first, values, target, tol, excluded, tied, norms_before, adam,
+                  rates_first, rates)
+    after = eval_outputs(model, holdout)
     rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
-    check = FunctionCheck(rel_change=rel, tolerance=function_tol, enforced=enforce,
-                          scope="features read by the new head" if heads else "outputs",
-                          images=sum(len(h) for h in holdout))
-    if check.enforced and not (rel <= function_tol):
+    enforced = not approx_moved
+    check = FunctionCheck(rel_change=rel, tolerance=function_tol, enforced=enforced,
+                          images=int(after.shape[0]),
+                          scope="outputs" if enforced else
+                          "outputs (fresh units moved through activations, or released)")
+    if enforced and not rel <= function_tol:
         raise FunctionChangedError(
-            f"The between-layer step changed the {check.scope} by {rel:.2e} (relative), above the "
+            f"The between-layer step changed the outputs by {rel:.2e} (relative), above the "
             f"tolerance {function_tol:g}; no checkpoint written. Report this model, or pass "
             "--allow-function-change to accept it.")
-    return BetweenResult(iteration, converged, target, check)
+    return BetweenResult(iteration, converged, math.exp(target), check, reestimated)
 
 
-def _active_units(plan: Plan, rates: Rates, records: dict[str, UnitRecord]) -> set[str]:
-    """Units that may move and receive gradient; the others are marked on their records."""
-    active = set()
-    for g in plan.groups:
-        if g.kind == "pinned":
-            continue
-        for u in g.units:
-            c = rates.rate(u.name)
-            if not (c > 0 and math.isfinite(c)):
-                rec = records[u.name]
-                rec.between_status = "excluded"
-                rec.between_reason = "zero gradient" if c == 0 else "non-finite gradient"
-            else:
-                active.add(u.name)
-    return active
+def _worst(values: dict[Key, float], targeted: list[Key], tied: set[Key], t: float) -> float:
+    devs = [abs(values[k] - t) for k in targeted if k not in tied and k in values]
+    return max(devs) if devs else 0.0
 
 
-@torch.no_grad()
-def _step_(model, plan: Plan, rates: Rates, target: float, damping: float, active: set[str],
-           totals: dict[str, float], floors: dict[str, tuple[float, float]],
-           norm_scale: dict[str, float]) -> None:
-    """One update of every movable group towards the target rate.
-
-    Compensated moves answer exactly C -> C / r^2 (a free unit at the model output scales
-    every rate by the same factor, which leaves the ratios exact), so the full step lands.
-    A fresh unit moved without compensation (into a residual sum, a GELU, a gate) answers
-    more weakly
-    and non-linearly; its step is halved and capped at 4x so the iteration cannot blow up.
-    """
-    for g in plan.groups:
-        if g.kind == "pinned":
-            continue
-        if g.kind == "attention":
-            if not all(u.name in active for u in g.units):
-                continue
-            s, a, p = _solve_attention(rates, g, target, damping)
-            moves.apply_attention_(model, g, s, a, p)
-            qkv, proj = g.units
-            wq = rates.weight_sq[qkv.name].tolist()
-            totals[qkv.name] *= math.sqrt((s * s * wq[0] + wq[1] / (s * s) + a * a * wq[2])
-                                          / sum(wq))
-            totals[proj.name] *= p / a
-            continue
-        scales = []
-        for u in g.units:
-            c = rates.rate(u.name)
-            if u.name not in active:
-                scales.append(1.0)
-            elif g.changes_function and g.terminal.kind == "blocked":
-                scales.append(min(4.0, max(0.25, (c / target) ** (damping / 4))))
-            else:
-                scales.append((c / target) ** (damping / 2))
-        if g.kind == "chain":  # the product must stay one: equalise to the chain's own mean
-            moving = [r for u, r in zip(g.units, scales) if u.name in active]
-            norm = math.exp(sum(math.log(r) for r in moving) / len(moving)) if moving else 1.0
-            scales = [r / norm if u.name in active else 1.0 for u, r in zip(g.units, scales)]
-        if g.terminal is not None and g.terminal.target in floors:
-            t = g.terminal.target
-            total = norm_scale[t] * math.prod(scales)
-            low, high = floors[t]
-            bounded = min(max(total, low), high)  # beyond, the norm's eps would show
-            scales[-1] *= bounded / total
-            total = bounded
-            norm_scale[t] = total
-        moves.apply_chain_(model, g, scales)
-        for u, r in zip(g.units, scales):
-            totals[u.name] *= r
+def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed):
+    """The bounded least-squares update; units that cannot reach the target become tied."""
+    for _ in range(4):
+        terms = []
+        for k in targeted:
+            w = TIED_WEIGHT if k in tied else 1.0
+            terms.append(Term({plan.var(k): response * w}, w * values[k], w))
+        for v in plan.graph.relaxed:  # approximate moves only where exact ones cannot reach
+            terms.append(Term({v: RELAX_PENALTY}, 0.0, 0.0))
+        for q, k in plan.pairs:  # attention: q and k balanced, their product left alone
+            if q in values and k in values:
+                terms.append(Term({plan.var(q): response, plan.var(k): -response},
+                                  values[q] - values[k], 0.0))
+        boxes = list(plan.boxes)
+        if fixed is not None:
+            boxes.append(Box({}, fixed, fixed, 1.0))
+        for k in counted:  # nobody ends further from the mean than it started
+            if k in values:
+                boxes.append(Box({plan.var(k): response}, -slack[k], slack[k], -1.0, values[k]))
+        z, t = solve(plan.basis, terms, boxes, t0)
+        off = [k for k in targeted if k not in tied
+               and abs(values[k] + response * float(z[plan.var(k)]) - t)
+               > TIED_FACTOR * math.log1p(tol)]
+        if not off:
+            return z, t
+        tied.update(off)
+    return z, t
 
 
-def _qkv_rate(gq, wq, s: float, a: float) -> float:
-    g = gq[0] / s**2 + gq[1] * s**2 + gq[2] / a**2
-    w = wq[0] * s**2 + wq[1] / s**2 + wq[2] * a**2
-    return math.sqrt(g / w)
+def _renormalised(plan: Plan, unit: str) -> bool:
+    return unit in plan.renormalise or plan.graph.unit_out.get(unit) in plan.graph.relaxed
 
 
-def _solve_attention(rates: Rates, group: Group, target: float, damping: float):
-    """Choose (s, a, p): q*s, k/s, v*a, proj*(p/a), proj output * p absorbed downstream."""
-    qkv, proj = group.units
-    gq = rates.grad_sq[qkv.name].tolist()
-    wq = rates.weight_sq[qkv.name].tolist()
-    c_proj = rates.rate(proj.name)
-    grid = [math.exp(x / 8) for x in range(-48, 49)]  # scales from e^-6 to e^6
-    if group.proj_free:
-        candidates = [(s, a) for s in grid for a in grid[24:73]]
-    else:
-        a = (target / c_proj) ** 0.5 if c_proj > 0 else 1.0
-        candidates = [(s, a) for s in grid]
+def _apply_(model: nn.Module, plan: Plan, z: torch.Tensor, batches, batchnorm_order) -> bool:
+    """Apply one move; re-normalise the second unit of every relaxed pair that moved (its
+    statistics are kept, scaled as the exact model predicts). Returns whether any move
+    changed the function."""
+    graph = plan.graph
+    moved = [u for u in plan.units if u.name in plan.renormalise
+             and abs(float(z[graph.unit_in[u.name]])) > 1e-7]
+    free = [u for u in plan.units if u.name in plan.approximate and u.name not in
+            plan.renormalise and graph.unit_out.get(u.name) not in graph.relaxed]
+    changed = bool(moved) or any(
+        abs(float(z[plan.var((u.name, s))])) > 1e-7 for u in free
+        for s in range(plan.slices[u.name]))
+    goals = {}
+    if moved:
+        with calibration_mode(model):
+            moments = measure_outputs(model, moved, batches)
+        for u in moved:
+            f = math.exp(float(z[graph.unit_out[u.name]]))
+            goals[u.name] = (moments[u.name].mean * f, moments[u.name].std * f)
+    apply_scales_(model, plan, z)
+    if moved:
+        scan = _Scan(moved, batchnorm_order)
+        normalize_within_(model, scan, batches, {u.name: UnitRecord(u.name, u.kind, u.shape)
+                                                 for u in moved},
+                          targets={u.name for u in moved}, goals=goals)
+    return changed
 
-    def cost(sa):
-        s, a = sa
-        return abs(math.log(_qkv_rate(gq, wq, s, a) / target)) + 1e-3 * (
-            abs(math.log(s)) + abs(math.log(a)))
 
-    s, a = min(candidates, key=cost)
-    p = a * (c_proj / target) ** 0.5 if group.proj_free and c_proj > 0 else 1.0
-    s, a, p = s**damping, a**damping, p**damping
-    return s, a, p
+@dataclass
+class _Scan:
+    """The part of a UnitScan normalize_within_ reads, for re-normalising a few units."""
+
+    units: list[Unit]
+    batchnorm_order: dict[str, int]
+
+
+def _fill_records(plan, records, first, values, target, tol, excluded, tied, norms_before,
+                  adam, rates_first, rates_last) -> None:
+    for u in plan.units:
+        rec = records[u.name]
+        k = plan.slices[u.name]
+        keys = [(u.name, s) for s in range(k)]
+        rec.compensation = plan.compensation.get(u.name, "-")
+        norm_after = float(u.module.weight.detach().double().norm())
+        if adam:  # lr / RMS(W) with lr = 1
+            root = math.sqrt(u.module.weight.numel())
+            rec.rate_before = root / norms_before[u.name] if norms_before[u.name] > 0 else None
+            rec.rate_after = root / norm_after if norm_after > 0 else None
+        else:
+            rec.rate_before = _finite(rates_first.rate(u.name))
+            rec.rate_after = _finite(rates_last.rate(u.name))
+        rec.r = norm_after / norms_before[u.name] if norms_before[u.name] > 0 else None
+        statuses = [_status(plan, key, values, target, tol, excluded, tied) for key in keys]
+        if k > 1:
+            names = SLICE_NAMES.get(k, "".join(str(i) for i in range(k)))
+            rec.slices = [{"slice": names[s], "rate_before": _exp(first.get(key)),
+                           "rate_after": _exp(values.get(key)), "status": st, "reason": why}
+                          for s, (key, (st, why)) in enumerate(zip(keys, statuses))]
+        rec.between_status, rec.between_reason = statuses[-1]
+        if rec.between_status == "ok" and any(st == "balanced" for st, _ in statuses):
+            rec.between_reason = "q/k balanced (attention temperature kept)"
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _exp(v: float | None) -> float | None:
+    return None if v is None else math.exp(v)
+
+
+def _status(plan, key, values, target, tol, excluded, tied) -> tuple[str, str | None]:
+    if key in plan.pinned:
+        return "pinned", plan.pinned[key]
+    if key in excluded:
+        return "excluded", "zero gradient"
+    if key in plan.balanced:
+        return "balanced", "attention temperature: balanced with its partner, not targeted"
+    v = values.get(key)
+    if v is None:
+        return "excluded", "zero gradient"
+    if abs(v - target) <= math.log1p(tol):
+        return "ok", None
+    if key in tied:
+        text = plan.compensation.get(key[0], "")
+        if text.startswith("moves only with"):
+            return "tied", text
+        return "limited", "held back by a norm's eps, the scale cap, or another unit's anchor"
+    return "not converged", None

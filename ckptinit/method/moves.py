@@ -1,161 +1,217 @@
-"""The between-layer step's moves: units grouped by how their scale is compensated (DESIGN
-1.2), and the in-place updates that scale a group without changing the function."""
+"""What the between-layer step may move, and how: a Plan built on the scale graph.
+
+A unit slice is *pinned* when no function-preserving move reaches its scale (a squeeze-
+excite gate, a head between an activation and the output), *balanced* when only its ratio
+to a partner can move (the q and k slices of attention: their product is the attention
+temperature), and movable otherwise. Moves are applied as one vector of log-scales over
+parameters and BatchNorm statistics (`apply_scales_`), exact in eval mode too.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from .trace import Follower
-from .units import Unit
+from .rates import Key
+from .scales import ScaleGraph, trace_scales
+from .solve import Box, norm_bounds, null_space, reach, scale_bounds
+from .units import Unit, calibration_mode
 
 log = logging.getLogger(__name__)
 
-ABSORBERS = ("batchnorm", "norm", "multiplier")
-
-
-@dataclass
-class Group:
-    """Units that move together under one compensation rule."""
-
-    kind: str  # "free" | "chain" (scales must multiply to one) | "attention" | "pinned"
-    units: list[Unit]
-    terminal: Follower | None = None  # what absorbs the product of the scales
-    changes_function: bool = False  # moves that do not preserve the function (allowed)
-    reason: str = ""
-    proj_free: bool = False  # attention: the projection is followed by an absorber
+MOVABLE = 1e-9  # a basis row below this moves nothing
 
 
 @dataclass
 class Plan:
-    groups: list[Group] = field(default_factory=list)
+    """The moves the between-layer step may make, and what the report says about them."""
 
-    def group_of(self, name: str) -> Group:
-        return next(g for g in self.groups if any(u.name == name for u in g.units))
+    graph: ScaleGraph
+    basis: torch.Tensor  # (nvars, d): every allowed log-scale vector is basis @ y
+    units: list[Unit]
+    slices: dict[str, int]  # unit -> 1, or 2/3 for fused k/v and q/k/v projections
+    pinned: dict[Key, str] = field(default_factory=dict)  # no freedom, and why
+    pairs: list[tuple[Key, Key]] = field(default_factory=list)  # (q, k): balanced only
+    approximate: set[str] = field(default_factory=set)  # units whose moves change the function
+    renormalise: list[str] = field(default_factory=list)  # re-normalised after relaxed moves
+    compensation: dict[str, str] = field(default_factory=dict)  # unit -> what absorbs its move
+    boxes: list[Box] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[Key]:
+        return [(u.name, s) for u in self.units for s in range(self.slices.get(u.name, 1))]
+
+    @property
+    def balanced(self) -> set[Key]:
+        return {k for pair in self.pairs for k in pair}
+
+    def var(self, key: Key) -> int:
+        return self.graph.unit_var(*key)
+
+    def movable(self, key: Key) -> bool:
+        return key not in self.pinned
 
 
 def plan_moves(
     model: nn.Module,
     units: list[Unit],
-    followers: dict[str, Follower],
+    sample: torch.Tensor,
     fresh: set[str],
     allow_function_change: bool = False,
 ) -> Plan:
-    """Group units by how their scale can be compensated (DESIGN 1.2)."""
-    by_name = {u.name: u for u in units}
-    nxt = {n: f.target for n, f in followers.items() if f.kind == "unit" and f.target in by_name}
-    has_prev = set(nxt.values())
-    plan = Plan()
-    attention = _attention_pairs(model, by_name)
-    in_attention = {n for pair in attention for n in pair}
+    """Trace the scale graph on `sample` and sort every unit slice into pinned, balanced or
+    movable. Fresh units may also move through GELU-like activations between two fresh
+    units (their second unit is then re-normalised); with `allow_function_change` every
+    pinned unit is released and its moves change the function."""
+    modules = {u.name: u.module for u in units}
+    relax = {u.name for u in units if u.name in fresh}
+    with calibration_mode(model):
+        graph = trace_scales(model, sample, modules, relax=relax)
+        basis = _relax_where_needed(graph, units)
+        pinned_units = {u.name for u in units if _row(basis, graph, u.name) < MOVABLE}
+        approximate: set[str] = set()
+        if allow_function_change and pinned_units:
+            graph = trace_scales(model, sample, modules, relax=relax, free=pinned_units)
+            basis = _relax_where_needed(graph, units)
+            approximate |= pinned_units
+    slices = {u.name: graph.unit_slices(u.name) for u in units}
+    plan = Plan(graph, basis, units, slices)
+    for key in plan.keys:
+        if float(basis[plan.var(key)].abs().max()) < MOVABLE:
+            plan.pinned[key] = _pin_reason(graph, key[0])
     for u in units:
-        if u.name in has_prev or u.name in in_attention:
-            continue
-        chain = [u]
-        while chain[-1].name in nxt:
-            chain.append(by_name[nxt[chain[-1].name]])
-        terminal = followers.get(chain[-1].name, Follower("blocked", detail="not traced"))
-        names = [c.name for c in chain]
-        if any(c.weight_standardized for c in chain):
-            plan.groups.append(Group("pinned", chain, terminal,
-                                     reason="weight-standardized conv ignores its weight scale"))
-        elif terminal.kind in ABSORBERS:
-            plan.groups.append(Group("free", chain, terminal))
-        elif allow_function_change or all(n in fresh for n in names):
-            plan.groups.append(Group("free", chain, terminal, changes_function=True,
-                                     reason="fresh" if not allow_function_change else "allowed"))
-        elif len(chain) > 1:
-            plan.groups.append(Group("chain", chain, terminal))
-        else:
-            plan.groups.append(Group("pinned", chain, terminal, reason=terminal.detail))
-    for qkv, proj in attention:
-        proj_f = followers.get(proj, Follower("blocked"))
-        plan.groups.append(Group("attention", [by_name[qkv], by_name[proj]], proj_f,
-                                 proj_free=proj_f.kind in ABSORBERS))
+        if slices[u.name] == 3 and (u.name, 0) not in plan.pinned \
+                and (u.name, 1) not in plan.pinned:
+            plan.pairs.append(((u.name, 0), (u.name, 1)))
+    plan.renormalise = [u.name for u in units if graph.unit_in.get(u.name) in graph.relaxed]
+    plan.approximate = approximate | set(plan.renormalise) | {
+        u.name for u in units if graph.unit_out.get(u.name) in graph.relaxed}
+    plan.boxes = norm_bounds(graph) + scale_bounds(graph, basis)
+    plan.compensation = _compensations(model, plan)
     return plan
 
 
-def _attention_pairs(model: nn.Module, by_name: dict[str, Unit]) -> list[tuple[str, str]]:
-    """timm-style attention with a fused qkv and a proj, nothing between them but softmax."""
-    pairs = []
-    for name, m in model.named_modules():
-        qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
+def _row(basis: torch.Tensor, graph: ScaleGraph, unit: str) -> float:
+    return max(float(basis[graph.unit_var(unit, s)].abs().max())
+               for s in range(graph.unit_slices(unit)))
+
+
+def _relax_where_needed(graph: ScaleGraph, units: list[Unit]) -> torch.Tensor:
+    """Keep a relaxed activation (an approximate move) only where exact moves cannot reach
+    the units on either side of it, and where it frees the output of the unit it feeds.
+    Returns the null space of what is kept."""
+    if graph.relaxed:
+        exact = ScaleGraph(**{**graph.__dict__, "rows": graph.rows + [
+            {v: 1.0} for v in graph.relaxed]})
+        alone = _individually_movable(null_space(exact), exact, units)
+        for v in list(graph.relaxed):
+            ends = [u for u, iv in graph.unit_in.items() if iv == v] + \
+                [u for u, ov in graph.unit_out.items() if ov == v]
+            if all(u in alone for u in ends):
+                graph.pin_(v, graph.relaxed.pop(v))
+    basis = null_space(graph)
+    freed = False
+    for v in list(graph.relaxed):
+        consumers = [u for u, iv in graph.unit_in.items() if iv == v and u in graph.unit_out]
+        if all(float(basis[graph.unit_out[u]].abs().max()) < MOVABLE for u in consumers):
+            graph.pin_(v, graph.relaxed.pop(v))
+            freed = True
+    return null_space(graph) if freed else basis
+
+
+def _individually_movable(basis: torch.Tensor, graph: ScaleGraph, units: list[Unit]
+                          ) -> set[str]:
+    """Units whose weight scale (last slice) can move while every other unit stays."""
+    names = [u.name for u in units]
+    unit_vars = [graph.unit_var(n, graph.unit_slices(n) - 1) for n in names]
+    p = basis[unit_vars]
+    if p.shape[1] == 0:
+        return set()
+    hit = p @ reach(basis, unit_vars)  # (K, K): ideally the identity
+    err = (hit - torch.eye(len(names), dtype=hit.dtype)).abs().amax(0)
+    return {n for n, e in zip(names, err.tolist()) if e < 1e-6}
+
+
+def _pin_reason(graph: ScaleGraph, unit: str) -> str:
+    """Why no move reaches a unit: what fixes the scale of its input and of its output."""
+    inp = graph.pins.get(graph.unit_in.get(unit, -1))
+    out = graph.pins.get(graph.unit_out.get(unit, -1))
+    if inp and out:
+        return f"input fixed by {inp}, output fixed by {out}"
+    if out:
+        return f"output fixed by {out}"
+    if inp:
+        return f"input fixed by {inp}"
+    return "tied to fixed scales"
+
+
+def _compensations(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """What absorbs a move of each movable unit alone, or the units it can only move with."""
+    keys = [(u.name, plan.slices[u.name] - 1) for u in plan.units]  # v for q/k/v projections
+    keys = [k for k in keys if k not in plan.pinned]
+    if not keys:
+        return {}
+    graph, basis = plan.graph, plan.basis
+    unit_vars = [plan.var(k) for k in keys]
+    moves = reach(basis, unit_vars)  # (d, K)
+    weights = {f"{u.name}.weight" for u in plan.units} | {f"{u.name}.bias" for u in plan.units}
+    names: dict[int, list[str]] = {}
+    for (pname, _), v in graph.param_var.items():
+        if pname not in weights:
+            names.setdefault(v, []).append(pname.rsplit(".", 1)[0] if pname.endswith(
+                (".weight", ".bias")) else pname)
+    for rm, _, v, _ in graph.batchnorm_stats:
+        names.setdefault(v, []).append(f"{rm.rsplit('.', 1)[0]} statistics")
+    out = {}
+    p = basis[unit_vars]
+    for j, key in enumerate(keys):
+        z = basis @ moves[:, j]
+        others = (p @ moves[:, j]).abs()
+        others[j] = 0
+        if float(others.max()) > 1e-6 or abs(float(z[unit_vars[j]]) - 1) > 1e-6:
+            tied = [keys[i][0] for i in others.argsort(descending=True).tolist()
+                    if float(others[i]) > 0.05]
+            out[key[0]] = _listing("moves only with", tied)
             continue
-        if not hasattr(m, "num_heads") or getattr(m, "gate", None) is not None:
+        touched = sorted(((abs(float(z[v])), n) for v, ns in names.items() for n in ns
+                          if abs(float(z[v])) > 0.05), reverse=True)
+        out[key[0]] = _listing("", list(dict.fromkeys(n for _, n in touched))) or "none needed"
+    return out
+
+
+def _listing(prefix: str, names: list[str], limit: int = 2) -> str:
+    if not names:
+        return ""
+    text = ", ".join(names[:limit]) + (f" +{len(names) - limit}" if len(names) > limit else "")
+    return f"{prefix} {text}".strip()
+
+
+@torch.no_grad()
+def apply_scales_(model: nn.Module, plan: Plan, z: torch.Tensor) -> None:
+    """Scale every parameter (slice) by exp(z[its variable]); BatchNorm running statistics
+    follow their input's scale so that eval mode stays exact: mean * p, and the variance
+    such that sqrt(var' + eps) = p * sqrt(var + eps)."""
+    graph = plan.graph
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for (name, s), v in graph.param_var.items():
+        f = math.exp(float(z[v]))
+        if name not in params or f == 1.0:
             continue
-        if any(not isinstance(getattr(m, a, nn.Identity()), nn.Identity)
-               for a in ("q_norm", "k_norm", "norm")):
+        p = params[name]
+        k = graph.slices.get(name, 1)
+        part = p if k == 1 else p[s * (p.shape[0] // k):(s + 1) * (p.shape[0] // k)]
+        part.mul_(f)
+    for rm, rv, v, eps in graph.batchnorm_stats:
+        f = math.exp(float(z[v]))
+        if f == 1.0 or rm not in buffers or rv not in buffers:
             continue
-        if qkv.out_features != 3 * proj.in_features:
-            continue
-        q, p = f"{name}.qkv" if name else "qkv", f"{name}.proj" if name else "proj"
-        if q in by_name and p in by_name and by_name[q].calls == 1:
-            pairs.append((q, p))
-    return pairs
-
-
-def _scale_unit_(module: nn.Module, weight_scale: float, bias_scale: float) -> None:
-    module.weight.mul_(weight_scale)
-    if module.bias is not None:
-        module.bias.mul_(bias_scale)
-
-
-def _absorb_(model: nn.Module, terminal: Follower, p: float) -> None:
-    """Undo a scale p on the input of the terminal (exactly, in eval mode too)."""
-    if terminal.kind == "batchnorm":
-        bn = model.get_submodule(terminal.target)
-        if bn.running_mean is not None:
-            bn.running_mean.mul_(p)
-            # sqrt(rv' + eps) = p sqrt(rv + eps) keeps eval-mode outputs exact
-            new_var = p * p * (bn.running_var.double() + bn.eps) - bn.eps
-            if (new_var < 0).any():
-                log.warning("%s: running variance clamped at 0 after scaling by %.3g",
-                            terminal.target, p)
-            bn.running_var.copy_(new_var.clamp_min(0).to(bn.running_var.dtype))
-    elif terminal.kind == "multiplier":
-        model.get_parameter(terminal.target).div_(p)
-
-
-def apply_chain_(model: nn.Module, group: Group, scales: list[float]) -> None:
-    cumulative = 1.0
-    for u, r in zip(group.units, scales):
-        cumulative *= r
-        _scale_unit_(u.module, r, cumulative)
-    if group.terminal is not None and group.terminal.kind in ABSORBERS:
-        _absorb_(model, group.terminal, cumulative)
-
-
-def apply_attention_(model: nn.Module, group: Group, s: float, a: float, p: float) -> None:
-    qkv, proj = (u.module for u in group.units)
-    d = proj.in_features
-    for t in (qkv.weight, qkv.bias):
-        if t is not None:
-            t[:d].mul_(s)
-            t[d : 2 * d].div_(s)
-            t[2 * d :].mul_(a)
-    _scale_unit_(proj, p / a, p)
-    if group.proj_free:
-        _absorb_(model, group.terminal, p)
-
-
-def describe(g: Group, u: Unit) -> str:
-    """The report's compensation column for a unit of group g."""
-    if g.kind == "attention":
-        return "attention q/k and v/proj pairs" + (
-            f" + {g.terminal.kind} {g.terminal.target}" if g.proj_free else "")
-    if g.kind == "pinned":
-        return "-"
-    t = g.terminal
-    parts = []
-    if len(g.units) > 1:
-        parts.append(f"chain of {len(g.units)}")
-    if g.kind == "free" and t is not None and t.kind in ABSORBERS:
-        parts.append(f"{t.kind} {t.target}")
-    elif g.kind == "chain":
-        parts.append("scales multiply to 1")
-    elif g.changes_function:
-        parts.append(f"free ({g.reason})")
-    return ", ".join(parts)
+        buffers[rm].mul_(f)
+        var = f * f * (buffers[rv].double() + eps) - eps
+        if bool((var < 0).any()):
+            log.warning("%s: running variance clamped at 0 after scaling by %.3g", rv, f)
+        buffers[rv].copy_(var.clamp_min(0).to(buffers[rv].dtype))

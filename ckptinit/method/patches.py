@@ -68,7 +68,8 @@ def extract_patches(
             raise Fallback(f"input of shape {tuple(x.shape)} does not match the unit")
         rows = x.reshape(-1, x.shape[-1])
         idx = choose(rows.shape[0], budget, generator)
-        rows = rows if idx is None else rows[idx.to(rows.device)]
+        # a copy: the draws centre patches in place, and these rows are the unit's input
+        rows = rows.clone() if idx is None else rows[idx.to(rows.device)]
         return Patches(rows.float().unsqueeze(0), 1, idx, x.numel() // x.shape[-1])
     if not isinstance(unit, _ConvNd) or unit.transposed:
         raise Fallback(f"no patch draw for {type(unit).__name__}")

@@ -1,80 +1,116 @@
-"""Relative change rates C = ||dL/dW|| / ||W|| under a label-free random linear loss."""
+"""Relative change rates C = ||dL/dW|| / ||W|| under a label-free random linear loss.
+
+L = sum(g * y) over every output tensor, with g a fresh Rademacher (+-1) draw for each
+batch: the same expected squared gradient as a Gaussian draw with less variance. A fused
+q/k/v (or k/v) projection gets one rate per slice. Under Adam every coordinate moves by
+about the learning rate whatever the gradient scale, so its relative step is lr / RMS(W):
+`adam_log_rates` needs no gradient at all.
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .units import Unit, calibration_mode
 
+Key = tuple[str, int]  # (unit name, slice)
 
-def output_tensor(y) -> torch.Tensor:
-    if isinstance(y, torch.Tensor):
-        return y
-    if isinstance(y, dict):
-        y = list(y.values())
-    return next(t for t in y if isinstance(t, torch.Tensor))
+
+def output_tensors(y) -> list[torch.Tensor]:
+    """Every floating tensor of a model's output (logits, feature lists, dicts of maps)."""
+    return [t for t in tree_flatten(y)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 @dataclass
 class Rates:
-    """Squared gradient norms (mean over draws) and squared weight norms per unit."""
+    """Squared gradient norms (mean over draws) and squared weight norms, per unit slice."""
 
-    grad_sq: dict[str, torch.Tensor]  # per unit: tensor of per-slice values (1 or 3 slices)
+    grad_sq: dict[str, torch.Tensor]  # unit -> (slices,) float64, on the CPU
     weight_sq: dict[str, torch.Tensor]
 
     def rate(self, name: str) -> float:
         g, w = float(self.grad_sq[name].sum()), float(self.weight_sq[name].sum())
         return math.sqrt(g / w) if w > 0 and math.isfinite(g) else float("nan")
 
+    def slice_rates(self, name: str) -> list[float]:
+        g, w = self.grad_sq[name], self.weight_sq[name]
+        return [math.sqrt(float(a) / float(b)) if float(b) > 0 else float("nan")
+                for a, b in zip(g, w)]
 
-def _slices(u: Unit, attention_units: set[str]) -> int:
-    return 3 if u.name in attention_units else 1
+    def log_rates(self) -> dict[Key, float]:
+        """log C per unit slice, for the slices that receive gradient."""
+        out = {}
+        for name in self.grad_sq:
+            for s, c in enumerate(self.slice_rates(name)):
+                if c > 0 and math.isfinite(c):
+                    out[(name, s)] = math.log(c)
+        return out
+
+
+def _weight_sq(module: nn.Module, slices: int) -> torch.Tensor:
+    return (module.weight.detach().double().reshape(slices, -1) ** 2).sum(1)
 
 
 def estimate_rates(
     model: nn.Module,
     units: list[Unit],
-    batches: Sequence[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     draws: int,
     seed: int,
-    attention_units: set[str] = frozenset(),
+    slices: dict[str, int] | None = None,
 ) -> Rates:
-    """||dL/dW||^2 averaged over `draws` (batch, g) pairs; the same pairs for the same seed.
-
-    BatchNorm runs on batch statistics, as in training; its running statistics are
-    restored afterwards so that estimating never changes the model.
-    """
+    """||dL/dW||^2 averaged over `draws` (batch, g) pairs; the same pairs for the same seed,
+    so the estimate is a fixed function of the weights. BatchNorm runs on batch statistics,
+    as in training, and its running statistics are restored afterwards."""
+    slices = slices or {}
     weights = [u.module.weight for u in units]
     device = weights[0].device
-    acc = {u.name: torch.zeros(_slices(u, attention_units), dtype=torch.float64, device=device)
+    acc = {u.name: torch.zeros(slices.get(u.name, 1), dtype=torch.float64, device=device)
            for u in units}
     requires = [w.requires_grad for w in weights]
+    take = list(itertools.islice(iter(batches), max(1, min(draws, len(batches)))))
     try:
         with calibration_mode(model):
             for w in weights:
                 w.requires_grad_(True)
             for j in range(draws):
-                x = batches[j % len(batches)]
-                y = output_tensor(model(x))
-                gen = torch.Generator(device=y.device).manual_seed(seed * 1000003 + j)
-                g = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
-                grads = torch.autograd.grad((g * y).sum(), weights, allow_unused=True)
+                ys = output_tensors(model(take[j % len(take)]))
+                gen = torch.Generator(device=ys[0].device).manual_seed(seed * 1000003 + j)
+                loss = sum(((torch.randint(0, 2, y.shape, generator=gen, device=y.device)
+                             .to(y.dtype) * 2 - 1) * y).sum() for y in ys)
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 for u, grad in zip(units, grads):
-                    if grad is None:
-                        continue
-                    parts = grad.double().reshape(_slices(u, attention_units), -1)
-                    acc[u.name] += (parts * parts).sum(1)
+                    if grad is not None:
+                        parts = grad.detach().double().reshape(acc[u.name].numel(), -1)
+                        acc[u.name] += (parts * parts).sum(1)
     finally:
         for w, r in zip(weights, requires):
             w.requires_grad_(r)
-    weight_sq = {
-        u.name: (u.module.weight.detach().double().reshape(_slices(u, attention_units), -1) ** 2
-                 ).sum(1)
-        for u in units
-    }
-    return Rates({n: v / draws for n, v in acc.items()}, weight_sq)
+    names = [u.name for u in units]
+    sizes = [acc[n].numel() for n in names]
+    flat = (torch.cat([acc[n] for n in names]) / draws).cpu()  # one transfer
+    grads_out = dict(zip(names, flat.split(sizes)))
+    weight_sq = dict(zip(names, torch.cat([_weight_sq(u.module, k) for u, k in zip(units, sizes)])
+                         .cpu().split(sizes)))
+    return Rates(grads_out, weight_sq)
+
+
+def adam_log_rates(units: list[Unit], slices: dict[str, int] | None = None) -> dict[Key, float]:
+    """log(lr / RMS(W)) with lr = 1, per unit slice: Adam's relative step."""
+    slices = slices or {}
+    out = {}
+    for u in units:
+        k = slices.get(u.name, 1)
+        w = u.module.weight.detach().double().reshape(k, -1)
+        rms = (w * w).mean(1).sqrt().cpu()
+        for s in range(k):
+            if float(rms[s]) > 0:
+                out[(u.name, s)] = -math.log(float(rms[s]))
+    return out

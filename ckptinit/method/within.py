@@ -1,18 +1,21 @@
 """Within-layer step (the paper's Algorithm 1): every unit's outputs get mean beta and std 1.
 
-With one calibration batch the whole step is a single forward pass: a pre-hook draws the
-unit's weights from its real input, a forward hook measures its output, rewrites the unit
-and hands the corrected output to the rest of the pass, so every unit is measured on the
-outputs of final units below it. More batches add whole-network refinement passes whose
-float64 statistics cover all images; depth never multiplies the cost (DESIGN 1.4).
+One pass over the calibration batches: a pre-hook draws a unit's weights from its real
+input, a forward hook measures its output, rewrites the unit and hands the corrected output
+to the rest of the pass, so every unit is measured on the outputs of the final units below
+it. With one batch that pass is exact. With several, each unit keeps the moments of every
+batch, mapped exactly through its own later corrections; a later pass replaces each
+batch's entry by a fresh measurement, so what is left stale is only the drift of the
+units below during one pass. Passes stop when a pass corrects no channel by more than
+`tol`; depth never multiplies the cost (DESIGN 1.4). Statistics stay on the device in
+float64 and reach the host once, at the end.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,32 +28,34 @@ from .units import UnitScan, batchnorms, calibration_mode, channel_shape, removi
 log = logging.getLogger(__name__)
 
 DEAD_RTOL = 1e-5  # a channel whose std is below this fraction of the layer's median is dead
+MAX_PASSES = 4
 
 
 @dataclass
 class WithinResult:
     passes: int
-    max_deviation: float  # largest |std - 1| or |mean - beta| left on the calibration images
+    max_correction: float  # largest per-channel correction made in the last pass
     batchnorms_reestimated: int
 
 
-def _dead_mask(std: torch.Tensor) -> torch.Tensor:
-    floor = max(1e-12, DEAD_RTOL * float(std.median())) if std.numel() else 1e-12
-    return std <= floor
+def dead_mask(std: torch.Tensor) -> torch.Tensor:
+    """Channels with (near) zero variance, relative to the layer's median (no host sync)."""
+    if not std.numel():
+        return torch.zeros_like(std, dtype=torch.bool)
+    return std <= (DEAD_RTOL * std.median()).clamp_min(1e-12)
 
 
-def _rewrite_(module: nn.Module, mean: torch.Tensor, std: torch.Tensor, beta: float):
-    """W <- s W, b <- s (b - mu) + beta with s = 1/std (1 for dead channels).
-
-    Returns the per-channel (scale, shift) so that the caller can correct an output in
-    hand the same way: z' = s z + shift.
-    """
-    dead = _dead_mask(std)
-    scale = torch.where(dead, torch.ones_like(std), 1.0 / std.clamp_min(1e-30))
+def rewrite_(module: nn.Module, mom: Moments, goal_mean, goal_std):
+    """Give the unit's outputs per-channel mean goal_mean and std goal_std (a unit without
+    bias keeps its mean); dead channels are left alone. Returns (scale, shift, dead) such
+    that an output in hand is corrected by z' = scale * z + shift."""
+    mean, std = mom.mean, mom.std
+    dead = dead_mask(std)
+    scale = torch.where(dead, torch.ones_like(std), goal_std / std.clamp_min(1e-30))
     w = module.weight
     w.mul_(scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
     if module.bias is not None:
-        shift = beta - scale * mean
+        shift = torch.where(dead, torch.zeros_like(mean), goal_mean - scale * mean)
         b = module.bias
         b.copy_((scale * b.double() + shift).to(b.dtype))
     else:
@@ -58,30 +63,33 @@ def _rewrite_(module: nn.Module, mean: torch.Tensor, std: torch.Tensor, beta: fl
     return scale, shift, dead
 
 
-def _channel_dim(module: nn.Module) -> int:
+def channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear) else 1
 
 
 def normalize_within_(
     model: nn.Module,
     scan: UnitScan,
-    batches: Sequence[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     records: dict[str, UnitRecord],
     *,
     targets: set[str],
-    draws: dict[str, str],
+    draws: dict[str, str] | None = None,
     beta: float = 0.1,
     draw_fn: Callable | None = None,
-    max_passes: int = 5,
+    goals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    max_passes: int = MAX_PASSES,
     tol: float = 1e-2,
 ) -> WithinResult:
     """Normalise the units named in `targets` in place; fill their records.
 
-    `draws` maps a unit name to its weight draw ("keep" or a draw understood by `draw_fn`,
-    which is called as draw_fn(module, input) before the unit is measured). BatchNorm
-    layers that run after the first changed unit get fresh running statistics (cumulative
-    average over all calibration images); the others are left bit for bit.
+    `draws` maps a unit to its weight draw ("keep", or a draw `draw_fn(module, input,
+    method)` understands, made on the first call of the first pass). `goals` gives per-unit
+    per-channel (mean, std) targets instead of (beta, 1) (the between-layer step restores
+    statistics this way). BatchNorm layers that run after the first changed unit get fresh
+    running statistics (cumulative average over the last pass); the others are untouched.
     """
+    draws = draws or {}
     units = [u for u in scan.units if u.name in targets and not u.weight_standardized]
     for u in scan.units:
         if u.name in targets and u.weight_standardized:
@@ -94,83 +102,140 @@ def normalize_within_(
     reest = {n for n, o in scan.batchnorm_order.items() if o > first}
     saved = {n: copy.deepcopy(m.state_dict()) for n, m in bns.items() if n not in reest}
     momenta = {n: m.momentum for n, m in bns.items()}
-
-    def reset_bn():
-        for n in reest:
-            bns[n].reset_running_stats()
-            bns[n].momentum = None  # cumulative average over the pass
-
+    state = _State(units, len(batches), beta, goals or {})
+    passes, correction = 0, float("inf")
     try:
         with torch.no_grad(), calibration_mode(model, restore_batchnorm=False):
-            reset_bn()
-            _streaming_pass(model, units, batches, records, draws, beta, draw_fn)
-            passes, deviation = 1, 0.0
-            if len(batches) > 1:
-                passes, deviation = _refine(model, units, batches, records, beta, max_passes, tol,
-                                            reset_bn)
+            while passes < max_passes:
+                for n in reest:
+                    bns[n].reset_running_stats()
+                    bns[n].momentum = None  # cumulative average over the pass
+                largest = state.run_pass(model, batches, draws, draw_fn, passes == 0)
                 passes += 1
+                correction = float(largest)  # one transfer per pass
+                log.debug("within-layer pass %d: largest correction %.3g", passes, correction)
+                if len(batches) == 1 or correction <= tol:
+                    break
     finally:
         for n, m in bns.items():
             m.momentum = momenta[n]
-        for n, state in saved.items():
-            bns[n].load_state_dict(state)
-    return WithinResult(passes, deviation, len(reest))
+        for n, s in saved.items():
+            bns[n].load_state_dict(s)
+    state.fill_records(records)
+    if len(batches) > 1 and correction > tol:
+        log.warning("within-layer step stopped after %d passes with corrections of up to %.3g "
+                    "left (tolerance %g); more passes or larger batches would tighten it",
+                    passes, correction, tol)
+    return WithinResult(passes, correction if len(batches) > 1 else 0.0, len(reest))
 
 
-def _streaming_pass(model, units, batches, records, draws, beta, draw_fn) -> None:
-    """One pass over all batches; each unit is rewritten in its hook from the moments of
-    every batch so far (earlier batches' moments follow the unit's own corrections
-    exactly). With one batch this is the exact single-pass algorithm."""
-    names = {u.module: u.name for u in units}
-    acc: dict[str, Moments] = {}
-    first_record: dict[str, tuple] = {}  # output statistics before any change
-    total: dict[str, torch.Tensor] = {}  # per-channel scale applied so far
-    seen: set[str] = set()  # units already called in the current batch
-    handles = []
+class _State:
+    """Per-unit moments of every batch, and what the report needs, kept on the device."""
 
-    def pre_hook(module, args):
-        name = names[module]
-        method = draws.get(name, "keep")
-        if name in acc or name in seen or method == "keep":
-            return
-        result = draw_fn(module, args[0], method)
-        if module.bias is not None:  # a new draw owes nothing to the old bias
-            module.bias.zero_()
-        rec = records[name]
-        rec.draw = result.method
-        rec.draw_reason = result.reason
-        if result.method != result.requested:
-            rec.status = "fallback"
+    def __init__(self, units, n_batches: int, beta: float, goals: dict) -> None:
+        self.units = units
+        self.names = {u.module: u.name for u in units}
+        self.entries: dict[str, list[Moments | None]] = {u.name: [None] * n_batches
+                                                         for u in units}
+        self.beta = beta
+        self.goals = goals
+        self.before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.total: dict[str, torch.Tensor] = {}  # per-channel weight scale applied so far
+        self.dead: dict[str, torch.Tensor] = {}
+        self.draws: dict[str, object] = {}
 
-    def hook(module, args, z):
-        name = names[module]
-        if name in seen:  # a unit called twice is measured on its first call
-            return None
-        seen.add(name)
-        batch = Moments.of(z, _channel_dim(module))
-        mom = acc[name] + batch if name in acc else batch
-        if name not in first_record:
-            first_record[name] = (batch.mean, batch.std)
-        scale, shift, dead = _rewrite_(module, mom.mean, mom.std, beta)
-        acc[name] = mom.affine(scale, shift)
-        total[name] = total[name] * scale if name in total else scale
-        shape = channel_shape(z, module)
-        z = (z * scale.to(z.dtype).view(shape) + shift.to(z.dtype).view(shape)).contiguous()
-        after = batch.affine(scale, shift)  # exact: z was corrected by this map
-        mean0, std0 = first_record[name]
-        _record(records[name], module, mean0, std0, after.mean, after.std, total[name], dead)
-        return z
+    def goal(self, name: str, mom: Moments):
+        if name in self.goals:
+            return self.goals[name]
+        return self.beta, torch.ones_like(mom.mean)
 
-    for u in units:
-        handles.append(u.module.register_forward_pre_hook(pre_hook))
-        handles.append(u.module.register_forward_hook(hook))
-    with removing(handles):
-        for batch in batches:
-            seen.clear()
-            model(batch)
+    def run_pass(self, model, batches, draws, draw_fn, first: bool) -> torch.Tensor:
+        seen: set[str] = set()
+        largest: list[torch.Tensor] = []
+        index = [0]
+        last = len(batches) - 1
+
+        def pre_hook(module, args):
+            name = self.names[module]
+            method = draws.get(name, "keep")
+            if not first or index[0] > 0 or name in seen or method == "keep":
+                return
+            result = draw_fn(module, args[0], method)
+            if module.bias is not None:  # a new draw owes nothing to the old bias
+                module.bias.zero_()
+            self.draws[name] = result
+
+        def hook(module, args, z):
+            name = self.names[module]
+            if name in seen:  # a unit called twice is measured on its first call
+                return None
+            seen.add(name)
+            b = index[0]
+            batch = Moments.of(z, channel_dim(module))
+            if first and b == 0:
+                self.before[name] = (batch.mean, batch.std)
+            entries = self.entries[name]
+            entries[b] = batch
+            mom = None
+            for e in entries:
+                if e is not None:
+                    mom = e if mom is None else mom + e
+            goal_mean, goal_std = self.goal(name, mom)
+            scale, shift, dead = rewrite_(module, mom, goal_mean, goal_std)
+            for i, e in enumerate(entries):
+                if e is not None:
+                    entries[i] = e.affine(scale, shift)
+            self.total[name] = self.total[name] * scale if name in self.total else scale
+            self.dead[name] = dead
+            if b == last:  # how far this pass moved the unit: the convergence test
+                change = (scale - 1).abs()
+                if module.bias is not None:
+                    change = torch.maximum(change, shift.abs() / goal_std)
+                largest.append(torch.where(dead, torch.zeros_like(change), change).amax())
+            shape = channel_shape(z, module)
+            return (z * scale.to(z.dtype).view(shape) + shift.to(z.dtype).view(shape)
+                    ).contiguous()
+
+        handles = []
+        for u in self.units:
+            handles.append(u.module.register_forward_pre_hook(pre_hook))
+            handles.append(u.module.register_forward_hook(hook))
+        with removing(handles):
+            for b, x in enumerate(batches):
+                index[0] = b
+                seen.clear()
+                model(x)
+        return torch.stack(largest).amax() if largest else torch.zeros(())
+
+    def fill_records(self, records: dict[str, UnitRecord]) -> None:
+        for u in self.units:
+            name, rec = u.name, records[u.name]
+            if name not in self.before:
+                continue
+            entries = [e for e in self.entries[name] if e is not None]
+            after = entries[0]
+            for e in entries[1:]:
+                after = after + e
+            result = self.draws.get(name)
+            if result is not None:
+                rec.draw, rec.draw_reason = result.method, result.reason
+                if result.method != result.requested:
+                    rec.status = "fallback"
+            mean0, std0 = self.before[name]
+            rec.mean_before, rec.std_before = float(mean0.mean()), float(std0.mean())
+            rec.mean_after, rec.std_after = float(after.mean.mean()), float(after.std.mean())
+            rec.scale = float(self.total[name].clamp_min(1e-30).log().mean().exp())
+            rec.dead = int(self.dead[name].sum())
+            rec.action = f"{rec.draw}+normalize" if rec.draw and rec.draw != "keep" \
+                else "normalize"
+            if rec.dead:
+                rec.status = "dead"
+                rec.note = f"{rec.dead} dead channel(s) left unscaled"
+            if u.module.bias is None:
+                rec.note = ((rec.note + "; ") if rec.note else "") + "no bias: mean kept"
 
 
-def measure_outputs(model: nn.Module, units: Sequence, batches: Sequence[torch.Tensor]) -> dict:
+def measure_outputs(model: nn.Module, units, batches: Iterable[torch.Tensor]) -> dict:
     """Per-channel output moments of each unit over all batches (first call of each unit).
 
     Runs in whatever mode the model is in; the caller chooses (calibration mode for fitting,
@@ -182,10 +247,10 @@ def measure_outputs(model: nn.Module, units: Sequence, batches: Sequence[torch.T
 
     def hook(module, args, z):
         name = names[module]
-        if name in seen:  # a unit called twice is measured on its first call
+        if name in seen:
             return
         seen.add(name)
-        m = Moments.of(z, _channel_dim(module))
+        m = Moments.of(z, channel_dim(module))
         moments[name] = moments[name] + m if name in moments else m
 
     handles = [u.module.register_forward_hook(hook) for u in units]
@@ -196,49 +261,28 @@ def measure_outputs(model: nn.Module, units: Sequence, batches: Sequence[torch.T
     return moments
 
 
-def _refine(model, units, batches, records, beta, max_passes, tol, reset_bn) -> tuple[int, float]:
-    """Whole-network passes over all batches until every unit is within tol of (beta, 1)."""
-    deviation = math.inf
-    for p in range(1, max_passes + 1):
-        reset_bn()
-        moments = measure_outputs(model, units, batches)
-        deviation = 0.0
-        for u in units:
-            mean, std = moments[u.name].mean, moments[u.name].std
-            live = ~_dead_mask(std)
-            dev = (std[live] - 1).abs().max().item() if live.any() else 0.0
-            if u.module.bias is not None and live.any():
-                dev = max(dev, (mean[live] - beta).abs().max().item())
-            deviation = max(deviation, dev)
-            rec = records[u.name]
-            rec.mean_after, rec.std_after = float(mean.mean()), float(std.mean())
-        if deviation < tol:
-            return p, deviation
-        for u in units:
-            mom = moments[u.name]
-            scale, _, _ = _rewrite_(u.module, mom.mean, mom.std, beta)
-            rec = records[u.name]
-            rec.scale = (rec.scale or 1.0) * _geomean(scale)
-    # corrections were applied after the last measurement: one more pass for BatchNorm
-    reset_bn()
-    for batch in batches:
-        model(batch)
-    log.warning("within-layer refinement stopped after %d passes (deviation %.3g)", p, deviation)
-    return p + 1, deviation
-
-
-def _geomean(x: torch.Tensor) -> float:
-    return float(x.clamp_min(1e-30).log().mean().exp())
-
-
-def _record(rec: UnitRecord, module, mean, std, after_mean, after_std, scale, dead) -> None:
-    rec.mean_before, rec.std_before = float(mean.mean()), float(std.mean())
-    rec.mean_after, rec.std_after = float(after_mean.mean()), float(after_std.mean())
-    rec.scale = _geomean(scale)
-    rec.dead = int(dead.sum())
-    rec.action = f"{rec.draw}+normalize" if rec.draw and rec.draw != "keep" else "normalize"
-    if rec.dead:
-        rec.status = "dead"
-        rec.note = f"{rec.dead} dead channel(s) left unscaled"
-    if module.bias is None:
-        rec.note = ((rec.note + "; ") if rec.note else "") + "no bias: mean kept"
+@torch.no_grad()
+def reestimate_batchnorm_(model: nn.Module, batches: Iterable[torch.Tensor],
+                          names: set[str]) -> int:
+    """Fresh running statistics (cumulative average over the batches) for the named
+    BatchNorm layers, after moves that changed what they see."""
+    bns = {n: m for n, m in batchnorms(model).items() if n in names}
+    if not bns:
+        return 0
+    momenta = {n: m.momentum for n, m in bns.items()}
+    saved = {n: copy.deepcopy(m.state_dict()) for n, m in batchnorms(model).items()
+             if n not in bns}
+    try:
+        with calibration_mode(model, restore_batchnorm=False):
+            for m in bns.values():
+                m.reset_running_stats()
+                m.momentum = None
+            for x in batches:
+                model(x)
+    finally:
+        for n, m in bns.items():
+            m.momentum = momenta[n]
+        all_bns = batchnorms(model)
+        for n, s in saved.items():
+            all_bns[n].load_state_dict(s)
+    return len(bns)

@@ -1,0 +1,156 @@
+"""The between-layer update as a bounded least-squares problem over function-preserving moves.
+
+Every move that keeps the function is z = N y, with N an orthonormal basis of the scale
+graph's null space (scales.py). The change rates respond exactly: log C_k -> log C_k -
+2 z_k for SGD (log lr/RMS(W_k) -> ... - z_k for Adam), so one solve lands where the
+constraints allow. Bounds keep each norm's eps invisible (shrinking a norm's input makes
+its eps count) and every parameter within MAX_SCALE of where it was; box constraints on
+the final deviations keep any unit from ending further from the mean than it started.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .scales import ScaleGraph
+
+EPS_BUDGET = 2e-5  # relative output change a LayerNorm/GroupNorm eps may add (function check)
+BN_EPS_BUDGET = 1e-3  # BatchNorm: eval mode is compensated exactly, this is training mode only
+MAX_SCALE = 1e3  # no parameter or activation is scaled by more than this, either way
+
+
+@dataclass
+class Term:
+    """One residual: sum(coef[v] * z[v]) + const - weight * t (weight 0: a balance term)."""
+
+    coef: dict[int, float]
+    const: float
+    weight: float = 1.0
+
+
+@dataclass
+class Box:
+    """lo <= sum(coef[v] * z[v]) + t_coef * t + const <= hi."""
+
+    coef: dict[int, float]
+    lo: float
+    hi: float
+    t_coef: float = 0.0
+    const: float = 0.0
+
+
+def null_space(graph: ScaleGraph) -> torch.Tensor:
+    """Orthonormal basis (nvars x d, float64) of all log-scale vectors the graph allows."""
+    a = torch.zeros(len(graph.rows), graph.nvars, dtype=torch.float64)
+    for i, row in enumerate(graph.rows):
+        for v, c in row.items():
+            a[i, v] = c
+    if a.shape[0] == 0:
+        return torch.eye(graph.nvars, dtype=torch.float64)
+    _, s, vh = torch.linalg.svd(a, full_matrices=True)
+    tol = max(a.shape) * float(s.max()) * 1e-12 if s.numel() else 0.0
+    rank = int((s > tol).sum())
+    return vh[rank:].T.contiguous()
+
+
+def norm_bounds(graph: ScaleGraph) -> list[Box]:
+    """Log-scale bounds on each norm's input: y = (x - m) / sqrt(v + eps) forgets a scale p of
+    x only up to eps: the output moves by about eps / (2 v) * (1 / p^2 - 1). At the 1% quantile
+    of v that must stay under the budget; growing the input only shrinks the eps's share."""
+    boxes = []
+    for site in graph.norms:
+        budget = BN_EPS_BUDGET if site.kind == "batch_norm" else EPS_BUDGET
+        room = 2.0 * max(site.var_quantile, 1e-30) * budget / max(site.eps, 1e-30)
+        lo = -0.5 * math.log1p(room)
+        hi = -0.5 * math.log1p(-room) if room < 1 else math.inf
+        boxes.append(Box({site.var: 1.0}, lo, hi))
+    return boxes
+
+
+def scale_bounds(graph: ScaleGraph, basis: torch.Tensor) -> list[Box]:
+    """|log scale| <= log(MAX_SCALE) for every variable that can move at all."""
+    limit = math.log(MAX_SCALE)
+    movable = (basis.abs().amax(1) > 1e-9).nonzero().flatten().tolist()
+    return [Box({v: 1.0}, -limit, limit) for v in movable]
+
+
+def solve(basis: torch.Tensor, terms: list[Term], boxes: list[Box], t0: float,
+          iters: int = 400) -> tuple[torch.Tensor, float]:
+    """min over y, t of sum(residual^2) with z = basis @ y, subject to the boxes.
+
+    A primal active-set method on the (small, dense) problem: solve with the active
+    constraints held at their bounds (KKT, least squares), add the most violated ones,
+    release the ones whose multiplier pulls inwards. t is parametrised as t0 + delta; only
+    y carries a tiny ridge, so among equally good moves the smallest is taken and the
+    target stays where the rates put it. Returns (z, t).
+    """
+    d = basis.shape[1]
+    dtype = torch.float64
+    if d == 0 or not terms:
+        return torch.zeros(basis.shape[0], dtype=dtype), t0
+    m = torch.zeros(len(terms), d + 1, dtype=dtype)
+    b = torch.zeros(len(terms), dtype=dtype)
+    for i, term in enumerate(terms):
+        for v, c in term.coef.items():
+            m[i, :d] += c * basis[v]
+        m[i, d] = -term.weight
+        b[i] = -(term.const - term.weight * t0)
+    bm = torch.zeros(len(boxes), d + 1, dtype=dtype)
+    lo = torch.zeros(len(boxes), dtype=dtype)
+    hi = torch.zeros(len(boxes), dtype=dtype)
+    for i, box in enumerate(boxes):
+        for v, c in box.coef.items():
+            bm[i, :d] += c * basis[v]
+        bm[i, d] = box.t_coef
+        shift = box.const + box.t_coef * t0
+        lo[i], hi[i] = box.lo - shift, box.hi - shift
+    ridge = torch.full((d + 1,), 1e-9, dtype=dtype)
+    ridge[d] = 1e-12
+    h = m.T @ m + torch.diag(ridge)
+    g = m.T @ b
+    active: dict[int, bool] = {}  # box index -> held at its upper (True) or lower bound
+    u, lam = torch.linalg.solve(h, g), torch.zeros(0, dtype=dtype)
+    for _ in range(iters if len(boxes) else 0):
+        bu = bm @ u
+        below, above = lo - bu, bu - hi
+        worst = torch.maximum(below, above)
+        if active:
+            worst[list(active)] = -math.inf
+        if float(worst.max()) > 1e-9:  # hold the most violated constraints at their bounds
+            for i in worst.topk(min(8, int((worst > 1e-9).sum()))).indices.tolist():
+                active[i] = bool(above[i] > below[i])
+        elif active:  # feasible: release a constraint whose multiplier pulls inwards
+            pull, i = min((float(-lam[j] if up else lam[j]), i)
+                          for j, (i, up) in enumerate(active.items()))
+            if pull >= -1e-12:
+                break
+            del active[i]
+        else:
+            break
+        u, lam = _kkt(h, g, bm, lo, hi, active)
+    return basis @ u[:d], t0 + float(u[d])
+
+
+def _kkt(h, g, bm, lo, hi, active: dict[int, bool]):
+    """min 1/2 u'hu - g'u with the active rows of bm held at their bounds: (u, multipliers)."""
+    if not active:
+        return torch.linalg.solve(h, g), torch.zeros(0, dtype=h.dtype)
+    idx = list(active)
+    a = bm[idx]
+    bound = torch.stack([hi[i] if up else lo[i] for i, up in active.items()])
+    n, k = h.shape[0], len(idx)
+    kkt = torch.zeros(n + k, n + k, dtype=h.dtype)
+    kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = h, a.T, a
+    rhs = torch.cat([g, bound])
+    sol = torch.linalg.lstsq(kkt, rhs[:, None], driver="gelsd").solution[:, 0]
+    return sol[:n], sol[n:]
+
+
+def reach(basis: torch.Tensor, unit_vars: list[int]) -> torch.Tensor:
+    """For each unit variable k, the smallest move y with x_k = 1 and every other unit still
+    (least squares): column k of pinv(P), P = basis[unit_vars]. Returns (d, K)."""
+    p = basis[unit_vars]
+    return torch.linalg.pinv(p, rtol=1e-10)
