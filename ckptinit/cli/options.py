@@ -13,7 +13,14 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
-from ..options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
+from ..options import (
+    OPTIMIZERS,
+    RESIDUAL_INITS,
+    WEIGHT_DRAWS,
+    CalibrationOptions,
+    RescaleOptions,
+    SourceOptions,
+)
 from .outputs import PLOT_SUFFIXES, check_side_file
 
 MODEL = "Model"
@@ -117,6 +124,13 @@ GradBatchesOpt = Annotated[int, typer.Option(
 AllowChangeOpt = Annotated[bool, typer.Option(
     "--allow-function-change", rich_help_panel=METHOD,
     help="Let units move whose rescaling cannot be compensated (they are pinned otherwise).")]
+OptimizerOpt = Annotated[str, typer.Option(
+    "--optimizer", metavar="sgd|adam", rich_help_panel=METHOD,
+    help="Whose relative step to equalise: SGD's ||dL/dW|| / ||W||, or Adam's lr / RMS(W).")]
+ResidualInitOpt = Annotated[str, typer.Option(
+    "--residual-init", metavar="data|timm", rich_help_panel=METHOD,
+    help="Fresh residual branches that start at zero (zero_init_last, LayerScale): data gives "
+    "each a share 1/sqrt(n) so every unit takes part; timm keeps them at zero.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", rich_help_panel=OUTPUT, help="Nothing on stderr but errors.")]
 PlotOpt = Annotated[Path | None, typer.Option(
@@ -217,6 +231,12 @@ def _check_method(o: RescaleOptions) -> None:
         raise UsageError(f"--damping must be in (0, 1], got {o.damping:g}.")
     if not o.tol > 0:
         raise UsageError(f"--tol must be positive, got {o.tol:g}.")
+    if o.optimizer not in OPTIMIZERS:
+        raise UsageError(f"Unknown --optimizer '{o.optimizer}'; use one of "
+                         f"{', '.join(OPTIMIZERS)}.")
+    if o.residual_init not in RESIDUAL_INITS:
+        raise UsageError(f"Unknown --residual-init '{o.residual_init}'; use one of "
+                         f"{', '.join(RESIDUAL_INITS)}.")
 
 
 def _path(value: Any) -> Path | None:

@@ -169,8 +169,9 @@ def _compensations(model: nn.Module, plan: Plan) -> dict[str, str]:
     out = {}
     p = basis[unit_vars]
     for j, key in enumerate(keys):
-        z = basis @ moves[:, j]
-        others = (p @ moves[:, j]).abs()
+        y = _local_move(basis, p, j, graph.unit_in.get(key[0]))
+        z = basis @ (y if y is not None else moves[:, j])
+        others = (p @ (y if y is not None else moves[:, j])).abs()
         others[j] = 0
         if float(others.max()) > 1e-6 or abs(float(z[unit_vars[j]]) - 1) > 1e-6:
             tied = [keys[i][0] for i in others.argsort(descending=True).tolist()
@@ -181,6 +182,18 @@ def _compensations(model: nn.Module, plan: Plan) -> dict[str, str]:
                           if abs(float(z[v])) > 0.05), reverse=True)
         out[key[0]] = _listing("", list(dict.fromkeys(n for _, n in touched))) or "none needed"
     return out
+
+
+def _local_move(basis: torch.Tensor, p: torch.Tensor, j: int, input_var: int | None):
+    """The move of unit j alone that leaves its input where it is (absorbed downstream), if
+    there is one: the natural description of what compensates it."""
+    if input_var is None:
+        return None
+    a = torch.cat([p, basis[input_var][None]])
+    b = torch.zeros(a.shape[0], dtype=a.dtype)
+    b[j] = 1.0
+    y = torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0]
+    return y if float((a @ y - b).abs().max()) < 1e-6 else None
 
 
 def _listing(prefix: str, names: list[str], limit: int = 2) -> str:
