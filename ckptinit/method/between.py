@@ -111,16 +111,6 @@ def rescale_between_(
             break
         iteration += 1
         note(f"between-layer iteration {iteration}")
-        log.debug("between iteration %d: worst deviation %.3g, predicted %.3g, tied %d",
-                  iteration, _worst(values, targeted, tied, target), max(
-                      abs(values[k] + response * float(z[plan.var(k)]) - target)
-                      for k in targeted if k not in tied), len(tied))
-        worst_k = max((k for k in targeted if k not in tied), key=lambda k: abs(values[k] - target))
-        live = [values[k] for k in targeted if k not in tied]
-        log.debug("  t %.4f mean %.4f min %.4f max %.4f; tied %s", target, sum(live) / len(live),
-                  min(live), max(live), sorted(tied)[:5])
-        log.debug("  worst %s dev %.4g z %.4g max|z| %.3g", worst_k, values[worst_k] - target,
-                  float(z[plan.var(worst_k)]), float(z.abs().max()))
         z = z * damping
         approx_moved |= _apply_(model, plan, z, batches, batchnorm_order or {})
         if adam:
@@ -132,9 +122,6 @@ def rescale_between_(
             pred = {k: values[k] + response * float(z[plan.var(k)]) for k in values}
             rates = estimate_rates(model, units, batches, grad_batches, seed, slices)
             values = rates.log_rates()
-            miss = sorted(((values[k] - pred[k], k) for k in values if k in pred),
-                          key=lambda a: -abs(a[0]))[:3]
-            log.debug("  response misses: %s", [(k, round(d, 4)) for d, k in miss])
     reestimated = 0
     if approx_moved and any(u in plan.approximate and not _renormalised(plan, u)
                             for u in (x.name for x in units)):
