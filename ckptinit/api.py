@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
-from .errors import UsageError
+from .errors import DeviceError, UsageError
 from .method.units import is_unit, scan_units
 from .method.within import normalize_within_
 from .options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
@@ -23,16 +25,37 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
+def resolve_device(device: str, model: nn.Module | None = None) -> torch.device:
+    """auto -> where `model` already is (a caller's model stays put), or, with no model,
+    cuda when available, else cpu; an unavailable device is a clear error."""
     if device == "auto":
+        if model is not None:
+            return next(itertools.chain(model.parameters(), model.buffers()),
+                        torch.empty(0)).device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use cpu.")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as e:
         raise UsageError(f"Unknown device '{device}'; use auto, cpu or cuda.") from e
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device {device} was asked for but no CUDA device is "
+                              "available here; use --device cpu (or auto).")
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(f"--device {device} was asked for but only {count} CUDA "
+                              f"device(s) exist; use cuda:0 to cuda:{count - 1}.")
+    return resolved
+
+
+def _load_seeded(source: str, options: SourceOptions | None, seed: int):
+    """load_source with timm's fresh weights drawn from `seed`: timm draws them from the
+    global CPU generator, which is seeded for the load and then given back as it was."""
+    from .sources import load_source
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return load_source(source, options or SourceOptions())
 
 
 def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
@@ -67,12 +90,13 @@ def rescale(
     means every unit is fresh, as for a model just built. By default (DESIGN 1.3) fresh
     units get a Gaussian draw and the within-layer step, loaded units keep their weights.
     `holdout` images (never used for fitting) serve the checks; without them the
-    calibration images are used.
+    calibration images are used. With `device="auto"` the model stays where it is; the
+    global random generators are not touched (every draw has its own seeded generator).
     """
     options = options or RescaleOptions()
     if options.weights is not None and options.weights not in WEIGHT_DRAWS:
         raise UsageError(f"Unknown --weights '{options.weights}'; use one of {WEIGHT_DRAWS}.")
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, model)
     note = progress or (lambda msg: None)
     t0 = time.perf_counter()
     model.to(device)
@@ -123,6 +147,7 @@ def rescale(
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
     report.timings["total"] = time.perf_counter() - t0
+    _undefined_to_none(report)
     return model, report
 
 
@@ -140,16 +165,17 @@ def rescale_checkpoint(
     from .data.calibration import check_data, load_calibration
     from .output.checkpoint import check_output, save_checkpoint
     from .output.metadata import build_header
-    from .sources import load_source
+    from .sources.load import input_files
 
     options = options or RescaleOptions()
     calib_options = calib_options or CalibrationOptions()
     step = progress or (lambda stage, done, total: None)
-    check_output(output, force)  # refuse before any work
+    check_output(output, force, inputs=input_files(source))  # refuse before any work
     check_data(calib_options)
+    device = resolve_device(options.device)
     step("loading model", 0, None)
-    torch.manual_seed(options.seed)  # timm's fresh init draws from the global generator
-    loaded = load_source(source, source_options or SourceOptions())
+    loaded = _load_seeded(source, source_options, options.seed)
+    loaded.model.to(device)
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
     )
@@ -211,14 +237,28 @@ def _between(model, scan, batches, holdout, report, options, fresh, note) -> Non
     report.function_check = result.check
     pinned = [u.name for u in report.units if u.between_status == "pinned"]
     excluded = [u.name for u in report.units if u.between_status == "excluded"]
-    spread_b, spread_a = (report.rate_spread(w) or float("nan") for w in ("before", "after"))
+    spread_b, spread_a = (_g(report.rate_spread(w)) for w in ("before", "after"))
     report.notes.append(
         f"between-layer: {result.iterations} iteration(s), "
         f"{'converged' if result.converged else 'NOT converged'} within {options.tol:.0%}; "
-        f"rate spread (max/min) {spread_b:.3g} -> {spread_a:.3g}; {len(pinned)} pinned, "
+        f"rate spread (max/min) {spread_b} -> {spread_a}; {len(pinned)} pinned, "
         f"{len(excluded)} excluded (no gradient)"
     )
     report.timings["between"] = time.perf_counter() - t
+
+
+def _g(value: float | None) -> str:
+    return f"{value:.3g}" if value is not None and math.isfinite(value) else "n/a"
+
+
+def _undefined_to_none(report: RunReport) -> None:
+    """A number the method could not define (the change rate of an all-zero unit is 0/0)
+    is reported as None, never as NaN or Inf (which JSON cannot hold)."""
+    for record in report.units:
+        for f in fields(record):
+            value = getattr(record, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                setattr(record, f.name, None)
 
 
 def measure(
@@ -241,7 +281,7 @@ def measure(
     from .method.within import measure_outputs
 
     options = options or RescaleOptions()
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, model)
     t0 = time.perf_counter()
     model.to(device)
     batches = _batches(images, options.batch_size, device)
@@ -275,6 +315,7 @@ def measure(
         f"change rates spread over {spread:.3g}x (max/min over units with gradient)"
         if spread else "no unit receives gradient")
     report.timings["total"] = time.perf_counter() - t0
+    _undefined_to_none(report)
     return report
 
 
@@ -286,14 +327,17 @@ def measure_source(
     calib_options: CalibrationOptions | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
-    """SOURCE -> calibration images -> `measure` (nothing is written)."""
+    """SOURCE -> calibration images -> `measure` (nothing is written). A bare architecture's
+    fresh weights are drawn from `options.seed`, as in `rescale_checkpoint`."""
     from .data.calibration import check_data, load_calibration
-    from .sources import load_source
 
+    options = options or RescaleOptions()
     check_data(calib_options or CalibrationOptions())
+    device = resolve_device(options.device)
     step = progress or (lambda stage, done, total: None)
     step("loading model", 0, None)
-    loaded = load_source(source, source_options or SourceOptions())
+    loaded = _load_seeded(source, source_options, options.seed)
+    loaded.model.to(device)
     calib = load_calibration(loaded.model, calib_options or CalibrationOptions(),
                              progress=lambda d, t: step("reading images", d, t))
     step("measuring", 0, None)

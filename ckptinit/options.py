@@ -39,6 +39,7 @@ class SourceOptions:
     use_ema: bool = False
     strip_prefix: list[str] = field(default_factory=list)
     key_map: dict[str, str] = field(default_factory=dict)
+    token: str | None = None  # for hf-hub: sources (default: HF_TOKEN or the saved login)
 
 
 @dataclass

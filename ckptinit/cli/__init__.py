@@ -8,13 +8,13 @@ render.py what the commands print; outputs.py the report and plot files. Heavy i
 Results go to stdout; progress, tables, warnings and errors to stderr.
 """
 
-from .app import app
+from .app import Command, app
 from .info import info
 from .measure import measure
 from .rescale import rescale
 
 for _command in (rescale, measure, info):  # registered in the order --help lists them
-    app.command()(_command)
+    app.command(cls=Command)(_command)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from .options import (
     InputSizeOpt,
     InterpolationOpt,
     ItersOpt,
+    JsonOpt,
     KeyMapOpt,
     MeanOpt,
     ModelArgOpt,
@@ -101,6 +102,7 @@ def rescale(
     report: ReportOpt = None,
     plot: PlotOpt = None,
     force: ForceOpt = False,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Initialise or rescale a model from calibration images; write a safetensors checkpoint.
@@ -110,8 +112,8 @@ def rescale(
     step for units the checkpoint did not provide).
     """
     with cli_errors():
-        src, cal, opts = stage_options(ctx.params)
         ui = Ui(quiet)
+        src, cal, opts = stage_options(ctx)
         from ..api import rescale_checkpoint
         from .render import print_report
 
@@ -119,6 +121,5 @@ def rescale(
             run = rescale_checkpoint(source, output, options=opts, source_options=src,
                                      calib_options=cal, force=force, progress=ui.progress)
         print_report(run, ui.console)
-        write_outputs(run, report, plot)
-        if str(report) != "-":  # with the report on stdout, stdout stays valid JSON
+        if write_outputs(run, report, plot, as_json) is not None:  # None: JSON on stdout
             typer.echo(str(output))

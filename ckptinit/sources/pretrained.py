@@ -3,10 +3,12 @@ loaded by timm's own loaders, with what was loaded accounted for as stored."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from .._helpers import one_line
-from ..errors import SourceError
+from ..errors import SourceError, UsageError
 from ..options import SourceOptions
 from .loaded import LoadedModel
 
@@ -42,8 +44,9 @@ def create_architecture(
     overlay = _pretrained_cfg_overlay(pretrained_cfg)
     try:
         return timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
-    except TypeError as e:
-        raise SourceError(f"Cannot build '{name}' with {kwargs}: {one_line(e)}") from e
+    except TypeError as e:  # an argument the architecture does not take: --model-arg
+        raise UsageError(f"Cannot build '{name}' with {kwargs}: {one_line(e)}; check "
+                         "--model-arg.") from e
 
 
 def _pretrained_cfg_overlay(pretrained_cfg: Mapping[str, Any] | None) -> dict | None:
@@ -65,10 +68,6 @@ def load_pretrained(source: str, options: SourceOptions) -> LoadedModel:
     ident = source.split(":", 1)[1]
     if not ident:
         raise SourceError(f"'{source}' names no repository or folder after the prefix.")
-    if options.arch:
-        log.info("--arch is ignored for %s: its config.json names the architecture", source)
-    if options.strip_prefix or options.key_map or options.use_ema:
-        log.info("--strip-prefix/--key-map/--use-ema apply to checkpoint files only")
     repo_id, rev = (ident.split("@", 1) + [None])[:2] if is_hub else (None, None)
     local_path = None if is_hub else Path(ident).expanduser()
     if local_path is not None and not (local_path / "config.json").is_file():
@@ -81,10 +80,11 @@ def load_pretrained(source: str, options: SourceOptions) -> LoadedModel:
     if options.num_classes is not None:
         kwargs["num_classes"] = options.num_classes
     try:
-        model = timm.create_model(
-            f"hf-hub:{ident}" if is_hub else source, pretrained=True, **kwargs
-        )
-        raw = _timm_raw_state_dict(model, ident, local_path)
+        with hub_token(options.token if is_hub else None):
+            model = timm.create_model(
+                f"hf-hub:{ident}" if is_hub else source, pretrained=True, **kwargs
+            )
+            raw = _timm_raw_state_dict(model, ident, local_path)
     except SourceError:
         raise
     except Exception as e:
@@ -111,6 +111,24 @@ def load_pretrained(source: str, options: SourceOptions) -> LoadedModel:
         source, arch, len(lm.loaded_keys), len(lm.missing_keys),
     )  # fmt: skip
     return lm
+
+
+@contextlib.contextmanager
+def hub_token(token: str | None) -> Iterator[None]:
+    """timm's Hub downloads take no token argument, and huggingface_hub reads HF_TOKEN at
+    each request: set it for the duration of the load, then restore it."""
+    if not token:
+        yield
+        return
+    before = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = before
 
 
 def _timm_raw_state_dict(
