@@ -193,6 +193,8 @@ CASES = {
     "malformed --device": (_arch("--device", "cuda:x"), 2, "--device"),
     "malformed --model-arg": (_arch("--model-arg", "drop_rate"), 2, "KEY=VALUE"),
     "unknown --model-arg": (_arch("--model-arg", "no_such_argument=1"), 2, "no_such_argument"),
+    "missing data folder": (lambda tmp: ["rescale", ARCH, "--data", tmp / "nope"], 1,
+                            "does not exist"),
     "image folder without images": (_images({"notes.txt": b"x"}), 1, "No image files"),
     "only corrupt images": (_images({"a.jpg": b"\xff\xd8\xff junk", "b.png": b"nope"}), 1,
                             "No usable image"),

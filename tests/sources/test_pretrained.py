@@ -50,3 +50,21 @@ def test_hf_hub_offline_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(SourceError, match="timm/resnet18.a1_in1k") as err:
         load_source("hf-hub:timm/resnet18.a1_in1k")
     assert time.monotonic() - start < 5 and "\n" not in str(err.value)
+
+
+def test_a_token_reaches_the_hub_download_and_is_given_back(monkeypatch):
+    import os
+
+    import timm
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    seen = []
+
+    def create_model(*args, **kwargs):
+        seen.append(os.environ.get("HF_TOKEN"))
+        raise RuntimeError("offline in this test")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(SourceError):
+        load_source("hf-hub:org/private-model", SourceOptions(token="hf_secret"))
+    assert seen == ["hf_secret"] and "HF_TOKEN" not in os.environ
