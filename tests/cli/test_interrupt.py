@@ -58,35 +58,19 @@ def run_and_signal(stage: str, sig: signal.Signals, folder: Path) -> tuple[int, 
     return code, "".join(lines)
 
 
-def _check(stage: str, sig: signal.Signals, tmp_path: Path) -> None:
+STAGES = ("reading", "within", "between", "writing")
+DEFAULT = {("reading", signal.SIGINT), ("within", signal.SIGTERM), ("between", signal.SIGINT),
+           ("writing", signal.SIGTERM)}  # both signals and every stage; the rest are slow
+
+
+@pytest.mark.parametrize("stage, sig", [
+    pytest.param(stage, sig, id=f"{stage}-{sig.name}",
+                 marks=() if (stage, sig) in DEFAULT else pytest.mark.slow)
+    for stage in STAGES for sig in (signal.SIGINT, signal.SIGTERM)])
+def test_signal_mid_run_leaves_nothing(stage, sig, tmp_path):
     code, err = run_and_signal(stage, sig, tmp_path)
     assert code == CODES[sig], err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("Error: ") and WORDS[sig] in last, err[-2000:]
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "output or temporary file left"
-
-
-def _pairs(*pairs):
-    return [pytest.param(stage, sig, id=f"{stage}-{sig.name}") for stage, sig in pairs]
-
-
-@pytest.mark.parametrize("stage, sig", _pairs(
-    ("reading", signal.SIGINT),
-    ("within", signal.SIGTERM),
-    ("between", signal.SIGINT),
-    ("writing", signal.SIGTERM),
-))
-def test_signal_mid_run_leaves_nothing(stage, sig, tmp_path):
-    _check(stage, sig, tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage, sig", _pairs(
-    ("reading", signal.SIGTERM),
-    ("within", signal.SIGINT),
-    ("between", signal.SIGTERM),
-    ("writing", signal.SIGINT),
-))
-def test_signal_mid_run_leaves_nothing_other_pairs(stage, sig, tmp_path):
-    _check(stage, sig, tmp_path)
