@@ -227,12 +227,12 @@ def _given(ctx: typer.Context, name: str) -> bool:
 def warn_unused_data_options(source: str, options: CalibrationOptions, given: set[str]) -> None:
     """One warning line naming the data options given that --data's kind never reads, and
     a --token that neither SOURCE nor --data needs."""
+    from ..sources.pretrained import HUB_PREFIXES
+
     data = options.data
     kind = "samples" if data == "samples" else "local" if Path(data).expanduser().exists() \
         else None
     unused = [name for name in UNUSED_DATA_OPTIONS.get(kind, ()) if name in given]
-    from ..sources.pretrained import HUB_PREFIXES
-
     on_hub = kind is None or source.startswith(HUB_PREFIXES)
     if "token" in given and not on_hub:
         unused.append("token")

@@ -33,7 +33,7 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar", ".tar", ".pkl")
 def existing_file(source: str) -> Path:
     p = Path(source).expanduser()
     if not p.exists():
-        raise SourceError(f"Checkpoint file not found: {source}")
+        raise SourceError(f"Checkpoint file not found: {source}; check the path.")
     if not p.is_file():
         raise SourceError(f"'{source}' is not a file; for a timm folder use local-dir:{source}")
     return p
@@ -64,7 +64,7 @@ def torch_load(p: Path, trust_pickle: bool) -> Any:
     truncated is named so, and only one that really needs other objects is refused with
     the advice to pass --trust-pickle."""
     kind = sniff(p)
-    names = set()
+    names: set[str] = set()
     if kind == "zip":
         _check_zip(p)
     else:

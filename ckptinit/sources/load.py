@@ -115,7 +115,7 @@ def _classify(source: str) -> str:
         )
     lower = source.lower()
     if lower.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
-        raise SourceError(f"Checkpoint file not found: {source}")
+        raise SourceError(f"Checkpoint file not found: {source}; check the path.")
     if "/" in source or os.sep in source or "\\" in source:
         hint = ""
         if source.count("/") == 1 and not source.startswith((".", "/", "~")):
