@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse early (before any work) an output that exists or cannot be written."""
+    """Refuse early (before any work) an output that exists or cannot be written: a
+    .safetensors file, or else a Hub-ready folder (output/folder.py)."""
+    from .folder import check_folder, is_folder_output
+
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise OutputError(f"Output '{path}' must end in .safetensors.")
+    if is_folder_output(path):
+        return check_folder(path, force)
     if path.exists() and not force:
         raise OutputError(f"Output '{path}' already exists; pass --force to overwrite it.")
     if path.is_dir():
