@@ -80,11 +80,15 @@ def upload(ui: Ui, folder: Path, repo_id: str, *, url_on_stdout: bool = True,
 
 
 def publish_options(ctx: typer.Context, output: Path, push_to: str | None,
-                    license: str | None, token: str | None, force: bool) -> PublishOptions:
+                    license: str | None, token: str | None, force: bool,
+                    private: bool = False) -> PublishOptions:
     """What `rescale` tells the folder writer, checked before any work: --push-to and
     --license need a folder; with --push-to, the login and the repository's card."""
     from ..output.folder import check_folder, is_folder_output
 
+    if private and not push_to:
+        raise UsageError("--private applies to the repository of --push-to; add --push-to "
+                         "REPO_ID (or use `ckptinit push FOLDER REPO_ID --private`).")
     if (push_to or license) and not is_folder_output(output):
         raise UsageError("--push-to and --license need -o FOLDER (a name without "
                          ".safetensors), which holds the config.json and model card.")

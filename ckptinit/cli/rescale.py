@@ -120,7 +120,7 @@ def rescale(
     """
     with cli_errors():
         src, cal, opts = stage_options(ctx.params)
-        publish = publish_options(ctx, output, push_to, license, token, force)
+        publish = publish_options(ctx, output, push_to, license, token, force, private)
         ui = Ui(quiet)
         from ..api import rescale_checkpoint
         from .render import print_report

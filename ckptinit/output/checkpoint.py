@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def check_output(path: str | Path, force: bool) -> Path:
     """Refuse early (before any work) an output that exists or cannot be written: a
     .safetensors file, or else a Hub-ready folder (output/folder.py)."""
-    from .folder import check_folder, is_folder_output
+    from .folder import check_folder, check_parent, is_folder_output
 
     path = Path(path)
     if is_folder_output(path):
@@ -29,12 +29,7 @@ def check_output(path: str | Path, force: bool) -> Path:
         raise OutputError(f"Output '{path}' already exists; pass --force to overwrite it.")
     if path.is_dir():
         raise OutputError(f"Output '{path}' is a folder; give a file name ending in .safetensors.")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"Cannot write '{path}': folder '{parent}' does not exist.")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"Cannot write '{path}': folder '{parent}' is not writable.")
-    return path
+    return check_parent(path)
 
 
 def state_for_saving(

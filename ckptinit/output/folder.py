@@ -71,6 +71,11 @@ def check_folder(path: str | Path, force: bool) -> Path:
             raise OutputError(f"Output folder '{path}' holds files ckptinit did not write "
                               f"({', '.join(foreign[:3])}); --force only replaces ckptinit's "
                               "own folders: move them or choose another folder.")
+    return check_parent(path)
+
+
+def check_parent(path: Path) -> Path:
+    """Refuse an output (file or folder) whose parent folder is missing or not writable."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"Cannot write '{path}': folder '{parent}' does not exist.")

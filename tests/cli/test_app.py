@@ -31,6 +31,13 @@ def test_rescale_help_lists_the_option_groups():
         assert text in result.output, text
 
 
+def test_push_help_lists_its_options():
+    result = CliRunner().invoke(app, ["push", "--help"], env={"COLUMNS": "200"})
+    for text in ("FOLDER", "REPO_ID", "--private", "--revision", "--create-pr",
+                 "--commit-message", "--token", "HF_TOKEN", "--force"):
+        assert text in result.output, text
+
+
 def _script() -> Path | None:
     exe = Path(sys.executable).parent / ("ckptinit.exe" if os.name == "nt" else "ckptinit")
     return exe if exe.exists() else None

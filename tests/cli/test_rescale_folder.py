@@ -93,6 +93,7 @@ def test_folder_from_a_checkpoint_with_a_new_head(run, tmp_path):
     (["-o", "{tmp}/x.safetensors", "--push-to", "me/x"], 2, "-o FOLDER"),
     (["-o", "{tmp}/x.safetensors", "--license", "mit"], 2, "-o FOLDER"),
     (["-o", "{tmp}/f", "--license", "my licence"], 2, "licence id"),
+    (["-o", "{tmp}/f", "--private"], 2, "--push-to"),
     (["-o", "{tmp}/x.pth"], 1, "folder"),
     (["-o", "{tmp}/taken"], 1, "--force"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import timm
@@ -38,6 +39,9 @@ def test_folder_holds_weights_config_card_report_and_plots(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     card = (out / "README.md").read_text()
     assert 'create_model("hf-hub:me/r18"' in card and "license: mit" in card
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+    assert images == ["change_rates.png", "statistics.png"]  # the card shows the plots
+    assert all((out / name).is_file() for name in images)
     assert json.loads((out / "ckptinit_report.json").read_text())["method"] == report.method
 
 
