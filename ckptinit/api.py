@@ -17,7 +17,13 @@ from . import __version__
 from .errors import DeviceError, UsageError
 from .method.units import is_unit, scan_units
 from .method.within import normalize_within_
-from .options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
+from .options import (
+    WEIGHT_DRAWS,
+    CalibrationOptions,
+    PublishOptions,
+    RescaleOptions,
+    SourceOptions,
+)
 from .report import RunReport, UnitRecord
 
 log = logging.getLogger(__name__)
@@ -160,15 +166,19 @@ def rescale_checkpoint(
     calib_options: CalibrationOptions | None = None,
     force: bool = False,
     progress: Callable[[str, int, int | None], None] | None = None,
+    publish: PublishOptions | None = None,
 ) -> RunReport:
-    """SOURCE -> calibration images -> `rescale` -> safetensors file with provenance."""
+    """SOURCE -> calibration images -> `rescale` -> a safetensors file with provenance, or
+    (`output` without .safetensors) a Hub-ready folder described by `publish`."""
     from .data.calibration import check_data, load_calibration
     from .output.checkpoint import check_output, save_checkpoint
+    from .output.folder import is_folder_output, write_folder
     from .output.metadata import build_header
     from .sources.load import input_files
 
     options = options or RescaleOptions()
     calib_options = calib_options or CalibrationOptions()
+    publish = publish or PublishOptions()
     step = progress or (lambda stage, done, total: None)
     check_output(output, force, inputs=input_files(source))  # refuse before any work
     check_data(calib_options)
@@ -186,11 +196,18 @@ def rescale_checkpoint(
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
+    report.method, report.command_line = describe_method(report), publish.command_line
     step("writing checkpoint", 0, None)
-    metadata = build_header(version=__version__, method=describe_method(report),
+    metadata = build_header(version=__version__, method=report.method,
                             options=report.options, seed=options.seed, loaded=loaded,
                             data=calib.info)
-    save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
+    if is_folder_output(output):
+        write_folder(output, model=model, metadata=metadata, report=report,
+                     originals=loaded.original_tensors, license=publish.license,
+                     repo_id=publish.repo_id, force=force)
+    else:
+        save_checkpoint(model, output, metadata, originals=loaded.original_tensors,
+                        force=force)
     return report
 
 

@@ -37,3 +37,7 @@ class DeviceError(CkptInitError):
 
 class FunctionChangedError(CkptInitError):
     """The between-layer step changed the network's outputs beyond the announced tolerance."""
+
+
+class PublishError(CkptInitError):
+    """The Hugging Face Hub refused or could not take an upload (login, access, network)."""

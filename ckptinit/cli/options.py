@@ -80,7 +80,8 @@ ImageColumnOpt = Annotated[str | None, typer.Option(
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True, show_default=False,
     rich_help_panel=DATA,
-    help="Hugging Face token for gated or private datasets and hf-hub: models.")]
+    help="Hugging Face token for gated or private datasets, hf-hub: models and --push-to "
+    "(default: the `hf auth login` token).")]
 ShuffleBufferOpt = Annotated[int, typer.Option(
     "--shuffle-buffer", metavar="N", min=1, rich_help_panel=DATA,
     help="Shuffle buffer of streamed datasets.")]
@@ -159,10 +160,24 @@ FunctionTolOpt = Annotated[float, typer.Option(
     help="Largest relative change of the outputs on held-out images allowed for loaded "
     "weights; above it nothing is written.")]
 OutputOpt = Annotated[Path, typer.Option(
-    "--output", "-o", metavar="FILE.safetensors", show_default=False,
-    rich_help_panel=OUTPUT, help="Output checkpoint.")]
+    "--output", "-o", metavar="FILE.safetensors|FOLDER", show_default=False,
+    rich_help_panel=OUTPUT, help="Output checkpoint, or a folder ready for the Hub "
+    "(model.safetensors, config.json, README.md model card, JSON report, plots).")]
 ForceOpt = Annotated[bool, typer.Option(
-    "--force", rich_help_panel=OUTPUT, help="Overwrite an existing output.")]
+    "--force", rich_help_panel=OUTPUT,
+    help="Overwrite an existing output (a folder only if ckptinit wrote it; with --push-to, "
+    "also the repository's model card).")]
+PushToOpt = Annotated[str | None, typer.Option(
+    "--push-to", metavar="REPO_ID", show_default=False, rich_help_panel=OUTPUT,
+    help="Upload the output folder to this Hugging Face Hub model repository (see `ckptinit "
+    "push`).")]
+PrivateOpt = Annotated[bool, typer.Option(
+    "--private", rich_help_panel=OUTPUT,
+    help="Create the Hub repository as private (an existing one keeps its visibility).")]
+LicenseOpt = Annotated[str | None, typer.Option(
+    "--license", metavar="ID", show_default=False, rich_help_panel=OUTPUT,
+    help="Licence of a folder's weights, a Hub licence id such as apache-2.0 (default: the "
+    "source's licence from its config.json, none for a fresh architecture).")]
 
 # --------------------------------------------------------------------------- rescale and measure
 ReportOpt = Annotated[Path | None, typer.Option(
@@ -209,10 +224,10 @@ def stage_options(
             check_side_file(_path(params[name]), flag, suffixes)
     given = {name for name in params if _given(ctx, name)}
     source = SourceOptions(
-        arch=params["arch"], num_classes=params["num_classes"],
+        arch=params["arch"], num_classes=params["num_classes"], token=params.get("token"),
         model_args=parse_model_args(params["model_arg"]), trust_pickle=params["trust_pickle"],
         use_ema=params["use_ema"], strip_prefix=list(params["strip_prefix"] or []),
-        key_map=parse_key_map(params["key_map"]), token=params["token"])
+        key_map=parse_key_map(params["key_map"]))
     calibration = CalibrationOptions(**{f.name: params[f.name] for f in fields(CalibrationOptions)})
     warn_unused_data_options(params["source"], calibration, given)
     return source, calibration, method

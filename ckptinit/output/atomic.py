@@ -44,10 +44,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def check_writable(path: Path, what: str) -> None:
     """OutputError, before any work, when `path` cannot be written as a new file: it is a
-    folder, a file stands where a folder should be, the folder is missing or read-only."""
+    folder, or its parent cannot take it (check_parent)."""
     if path.is_dir():
         raise OutputError(f"{what[:1].upper()}{what[1:]} '{path}' is a folder; give a file "
                           "name.")
+    check_parent(path, what)
+
+
+def check_parent(path: Path, what: str = "output") -> Path:
+    """OutputError when the folder that would hold `path` (a file or a folder) cannot: a
+    file stands where a folder should be, the folder is missing or read-only."""
     parent = path.parent if str(path.parent) else Path(".")
     blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -58,3 +64,4 @@ def check_writable(path: Path, what: str) -> None:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OutputError(f"Cannot write {what} '{path}': folder '{parent}' is not writable; "
                           "choose another folder.")
+    return path

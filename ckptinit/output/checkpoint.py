@@ -20,18 +20,30 @@ log = logging.getLogger(__name__)
 
 def check_output(path: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> Path:
     """Refuse early (before any work) an output that exists, cannot be written, or would
-    replace one of the `inputs` (the files the run reads)."""
+    replace one of the `inputs` (the files the run reads): a .safetensors file, or else a
+    Hub-ready folder (output/folder.py)."""
+    from .folder import check_folder, is_folder_output
+
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise UsageError(f"Output '{path}' must end in .safetensors.")
     for source in inputs:
-        if _same_file(path, Path(source)):
-            raise UsageError(f"Output '{path}' is the input '{source}'; write to another file "
-                             "(the input is only read).")
+        if _same_file(path, Path(source)) or _inside(Path(source), path):
+            raise UsageError(f"Output '{path}' is the input '{source}'; write to another "
+                             f"{'folder' if path.is_dir() else 'file'} (the input is only "
+                             "read).")
+    if is_folder_output(path):
+        return check_folder(path, force)
     if path.exists() and not path.is_dir() and not force:
         raise OutputError(f"Output '{path}' already exists; pass --force to overwrite it.")
     check_writable(path, "output")
     return path
+
+
+def _inside(file: Path, folder: Path) -> bool:
+    """`file` lies in the folder `folder` (an output folder that holds an input)."""
+    try:
+        return folder.is_dir() and file.exists() and os.path.samefile(file.parent, folder)
+    except OSError:
+        return False
 
 
 def _same_file(a: Path, b: Path) -> bool:

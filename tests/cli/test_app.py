@@ -16,7 +16,7 @@ from ckptinit.cli import app
 from tests.cli.helpers import invoke
 
 
-@pytest.mark.parametrize("command", [[], ["rescale"], ["measure"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["rescale"], ["push"], ["measure"], ["info"]])
 def test_help_exits_zero(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0, result.output
@@ -28,6 +28,13 @@ def test_rescale_help_lists_the_option_groups():
     for text in ("Model", "Calibration data", "Method", "Output", "--grad-batches",
                  "--strip-prefix", "--key-map", "--mean", "--patch-budget", "--function-tol",
                  "HF_TOKEN"):
+        assert text in result.output, text
+
+
+def test_push_help_lists_its_options():
+    result = CliRunner().invoke(app, ["push", "--help"], env={"COLUMNS": "200"})
+    for text in ("FOLDER", "REPO_ID", "--private", "--revision", "--create-pr",
+                 "--commit-message", "--token", "HF_TOKEN", "--force"):
         assert text in result.output, text
 
 
@@ -43,7 +50,8 @@ def test_console_script_help_is_fast_and_imports_no_torch():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
-    assert "rescale" in proc.stdout and "measure" in proc.stdout and "info" in proc.stdout
+    for command in ("rescale", "push", "measure", "info"):
+        assert command in proc.stdout, command
     assert elapsed < 5, f"--help took {elapsed:.1f}s"
     probe = ("import sys, ckptinit.cli; heavy = [m for m in ('torch', 'timm', 'safetensors', "
              "'matplotlib', 'datasets') if m in sys.modules]; print(','.join(heavy))")

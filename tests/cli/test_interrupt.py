@@ -25,13 +25,14 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_and_signal(stage: str, sig: signal.Signals, folder: Path) -> tuple[int, str]:
+def run_and_signal(stage: str, sig: signal.Signals, folder: Path,
+                   output: str = "out.safetensors") -> tuple[int, str]:
     """Start `rescale` paused at `stage`, send `sig` there; returns (exit code, stderr)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     env.pop("CKPTINIT_DEBUG", None)
     args = [sys.executable, "-m", "tests.cli.interrupt_child", stage, "rescale", ARCH,
-            "-o", str(folder / "out.safetensors"), "--report", str(folder / "report.json"),
+            "-o", str(folder / output), "--report", str(folder / "report.json"),
             *TINY]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
@@ -68,7 +69,15 @@ DEFAULT = {("reading", signal.SIGINT), ("within", signal.SIGTERM), ("between", s
                  marks=() if (stage, sig) in DEFAULT else pytest.mark.slow)
     for stage in STAGES for sig in (signal.SIGINT, signal.SIGTERM)])
 def test_signal_mid_run_leaves_nothing(stage, sig, tmp_path):
-    code, err = run_and_signal(stage, sig, tmp_path)
+    _check(*run_and_signal(stage, sig, tmp_path), sig, tmp_path)
+
+
+def test_sigint_while_writing_a_hub_folder_leaves_no_half_folder(tmp_path):
+    _check(*run_and_signal("writing", signal.SIGINT, tmp_path, output="model-folder"),
+           signal.SIGINT, tmp_path)
+
+
+def _check(code: int, err: str, sig: signal.Signals, tmp_path: Path) -> None:
     assert code == CODES[sig], err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("Error: ") and WORDS[sig] in last, err[-2000:]
