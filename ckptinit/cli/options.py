@@ -229,7 +229,8 @@ def stage_options(
         use_ema=params["use_ema"], strip_prefix=list(params["strip_prefix"] or []),
         key_map=parse_key_map(params["key_map"]))
     calibration = CalibrationOptions(**{f.name: params[f.name] for f in fields(CalibrationOptions)})
-    warn_unused_data_options(params["source"], calibration, given)
+    warn_unused_data_options(params["source"], calibration, given,
+                             pushes=bool(params.get("push_to")))
     return source, calibration, method
 
 
@@ -239,16 +240,17 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return found is not None and found.name == "COMMANDLINE"
 
 
-def warn_unused_data_options(source: str, options: CalibrationOptions, given: set[str]) -> None:
+def warn_unused_data_options(source: str, options: CalibrationOptions, given: set[str],
+                             pushes: bool = False) -> None:
     """One warning line naming the data options given that --data's kind never reads, and
-    a --token that neither SOURCE nor --data needs."""
+    a --token that neither SOURCE, --data nor an upload (`pushes`) needs."""
     from ..sources.pretrained import HUB_PREFIXES
 
     data = options.data
     kind = "samples" if data == "samples" else "local" if Path(data).expanduser().exists() \
         else None
     unused = [name for name in UNUSED_DATA_OPTIONS.get(kind, ()) if name in given]
-    on_hub = kind is None or source.startswith(HUB_PREFIXES)
+    on_hub = kind is None or pushes or source.startswith(HUB_PREFIXES)
     if "token" in given and not on_hub:
         unused.append("token")
     if unused:
