@@ -26,10 +26,12 @@ def check_output(path: str | Path, force: bool, inputs: Iterable[str | Path] = (
 
     path = Path(path)
     for source in inputs:
-        if _same_file(path, Path(source)) or _inside(Path(source), path):
-            raise UsageError(f"Output '{path}' is the input '{source}'; write to another "
-                             f"{'folder' if path.is_dir() else 'file'} (the input is only "
-                             "read).")
+        if _same_file(path, Path(source)):
+            raise UsageError(f"Output '{path}' is the input '{source}'; write to another file "
+                             "(the input is only read).")
+        if _inside(Path(source), path):
+            raise UsageError(f"Output '{path}' is the input folder (it holds '{source}'); "
+                             "write to another folder (the input is only read).")
     if is_folder_output(path):
         return check_folder(path, force)
     if path.exists() and not path.is_dir() and not force:

@@ -209,7 +209,7 @@ CASES = {
     "output not .safetensors": (_output("suffix"), 2, ".safetensors"),
     "output is the input": (_output("same-as-input"), 2, "is the input"),
     "output folder is the input folder": (lambda tmp: [*_local_dir()(tmp), "-o", tmp / "folder",
-                                                        "--force"], 2, "is the input"),
+                                                        "--force"], 2, "is the input folder"),
     "--arch with local-dir:": (_local_dir("--arch", "resnet18"), 2, "--arch"),
     "--strip-prefix with local-dir:": (_local_dir("--strip-prefix", "x."), 2, "--strip-prefix"),
     "--use-ema with hf-hub:": (lambda tmp: ["rescale", "hf-hub:timm/resnet18.a1_in1k",
