@@ -56,4 +56,3 @@ def test_hf_hub_offline_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(SourceError, match="timm/resnet18.a1_in1k") as err:
         load_source("hf-hub:timm/resnet18.a1_in1k")
     assert time.monotonic() - start < 5 and "\n" not in str(err.value)
-
