@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _digits as D  # noqa: E402
 
-SCRIPTS = ["convergence.py", "pretrained.py", "rate_plots.py", "step0.py"]
+SCRIPTS = ["convergence.py", "pretrained.py", "rate_plots.py", "step0.py", "within_check.py"]
 BEGIN, END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
 
 
@@ -46,6 +46,7 @@ def tables(results_dir: Path) -> str:
     import pretrained
     import rate_plots
     import step0
+    import within_check
 
     rel = os.path.relpath(results_dir, HERE)
     out = []
@@ -81,6 +82,10 @@ def tables(results_dir: Path) -> str:
         out.append("### Step 0 on the no-BN VGG, and candidate fixes (`step0.py`)\n")
         out.append(f"![candidates: loss and accuracy against lr]({rel}/step0_train.png)\n")
         out.append(step0.markdown(json.loads(s0.read_text())))
+    wc = results_dir / "within_check.json"
+    if wc.exists():
+        out.append("### What the within-layer step leaves behind (`within_check.py`)\n")
+        out.append(within_check.markdown(json.loads(wc.read_text())) + "\n")
     return "\n".join(out)
 
 
