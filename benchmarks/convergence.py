@@ -37,7 +37,7 @@ DEFAULT = {
                       inits=D.CNN_INITS),
         "resnet18": dict(optimizer="sgd", lrs=[0.003, 0.01, 0.03, 0.1, 0.3], epochs=2,
                          inits=D.CNN_INITS),
-        "vit": dict(optimizer="adamw", lrs=[3e-5, 1e-4, 3e-4, 1e-3, 3e-3], epochs=3,
+        "vit": dict(optimizer="adamw", lrs=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3], epochs=3,
                     inits=D.VIT_INITS, weight_decay=0.01),
     },
 }
@@ -240,7 +240,8 @@ def plot(result: dict, path: Path) -> None:
     for row, net in enumerate(nets):
         ax_l, ax_a = axes[row]
         inits = cfg["nets"][net]["inits"]
-        for init in inits:
+        for k, init in enumerate(inits):
+            style = dict(ls=["-", "--", ":"][(k // 10) % 3], lw=1.2)
             s = summary[net].get(init)
             if not s or "best_lr" not in s:
                 continue
@@ -250,10 +251,10 @@ def plot(result: dict, path: Path) -> None:
             if curves:
                 n = min(map(len, curves))
                 mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-                ax_l.plot(_smooth(mean, 10), label=f"{label} (lr {s['best_lr']:g})", lw=1.2)
+                ax_l.plot(_smooth(mean, 10), label=f"{label} (lr {s['best_lr']:g})", **style)
             lrs = cfg["nets"][net]["lrs"]
             ax_a.plot(lrs, [100 * s["per_lr"][str(lr)]["mean"] for lr in lrs], marker="o",
-                      label=label, lw=1.2)
+                      label=label, **style)
         ax_l.set_yscale("log")
         ax_l.set_xlabel("step")
         ax_l.set_ylabel("training loss (smoothed, 10 steps)")
@@ -284,11 +285,17 @@ def main() -> None:
                                           "benchmarks/results/default or .../quick)")
     ap.add_argument("--table", metavar="JSON", help="print the Markdown tables of a result "
                                                     "file and exit")
+    ap.add_argument("--replot", metavar="JSON", help="redraw the PNG beside a result file")
     args = ap.parse_args()
     if args.table:
         import json
 
         print(markdown(json.loads(Path(args.table).read_text())))
+        return
+    if args.replot:
+        import json
+
+        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
         return
     import copy
 

@@ -60,13 +60,19 @@ def tables(results_dir: Path) -> str:
     if conv.exists():
         c = json.loads(conv.read_text())
         g = c["provenance"]["git"]
-        out.append(f"ckptinit: `{g.get('ckptinit_last_commit')}` (tree {g.get('commit', '')[:10]}"
+        out.append(f"ckptinit: `{g.get('ckptinit_last_commit')}` (benchmark code at "
+                   f"{(g.get('commit') or '')[:10]}"
                    f"{', ckptinit/ modified' if g.get('dirty_ckptinit') else ''}); torch "
                    f"{c['provenance']['torch']}, timm {c['provenance']['timm']}, lsuv "
                    f"{c['provenance']['lsuv']}.\n")
         out.append(f"### Convergence from scratch (`convergence.py`)\n\n![losses and accuracy "
                    f"against lr]({rel}/convergence.png)\n")
         out.append(convergence.markdown(c))
+        for extra in sorted(results_dir.glob("*/convergence.json")):
+            e = json.loads(extra.read_text())
+            out.append(f"Supplement `{e['provenance']['command']}` "
+                       f"({os.path.relpath(extra, HERE)}):\n")
+            out.append(convergence.markdown(e))
     pre = results_dir / "pretrained.json"
     if pre.exists():
         out.append("### A self-supervised checkpoint, fine-tuned (`pretrained.py`)\n")
@@ -81,7 +87,12 @@ def tables(results_dir: Path) -> str:
     if s0.exists():
         out.append("### Step 0 on the no-BN VGG, and candidate fixes (`step0.py`)\n")
         out.append(f"![candidates: loss and accuracy against lr]({rel}/step0_train.png)\n")
-        out.append(step0.markdown(json.loads(s0.read_text())))
+        full = json.loads(s0.read_text())
+        (results_dir / "step0.md").write_text(step0.markdown(full) + "\n")
+        out.append(f"Per-layer tables for every init and net: [step0.md]({rel}/step0.md). "
+                   "Here: vgg11, seed 0.\n")
+        out.append(step0.markdown(full, metrics=["rate_ce", "M_over_s_median", "M_over_s_max",
+                                                 "amp", "out_std"], layer_nets=["vgg11"]))
     wc = results_dir / "within_check.json"
     if wc.exists():
         out.append("### What the within-layer step leaves behind (`within_check.py`)\n")

@@ -154,7 +154,13 @@ def idempotence() -> dict:
 # --------------------------------------------------------------------------- tables
 
 
-def markdown(result: dict) -> str:
+METRICS = ["rate_ce", "M_over_s_median", "M_over_s_max", "bias_rms", "amp", "shift_share",
+           "out_std"]
+
+
+def markdown(result: dict, metrics=None, layer_nets=None) -> str:
+    """All tables; `metrics`/`layer_nets` restrict the per-layer ones (README keeps a few)."""
+    metrics = METRICS if metrics is None else metrics
     lines = []
     rows = [r for r in result["diag"] if r.get("init_ok")]
     for net in result["config"]["diag_nets"]:
@@ -172,6 +178,8 @@ def markdown(result: dict) -> str:
              "{:.2f}"),
             ("out_std", "output std (mean over channels)", "{:.2g}"),
         ]:
+            if key not in metrics or (layer_nets is not None and net not in layer_nets):
+                continue
             lines.append(f"**{net}, seed 0: {title}**\n")
             lines.append("| init | " + " | ".join(names) + " |")
             lines.append("|---|" + "---|" * len(names))
@@ -180,7 +188,8 @@ def markdown(result: dict) -> str:
                 if r is None:
                     continue
                 lines.append(f"| {D.INIT_LABELS.get(init, init)} | "
-                             + " | ".join(fmt.format(u[key]) for u in r["units"]) + " |")
+                             + " | ".join(fmt.format(float(u[key])) for u in r["units"])
+                             + " |")
             lines.append("")
         # first steps' loss, all seeds
         lines.append(f"**{net}: cross-entropy over the first {result['config']['steps']} SGD "
@@ -195,7 +204,7 @@ def markdown(result: dict) -> str:
             parts = []
             for r in seeds:
                 ls = r["first_losses"]
-                parts.append(", ".join(f"{ls[i]:.3g}" if i < len(ls) else "—"
+                parts.append(", ".join(f"{float(ls[i]):.3g}" if i < len(ls) else "—"
                                        for i in (0, 1, 2, 3, 5, 10)))
             sp = seeds[0].get("rate_ce_spread")
             lines.append(f"| {D.INIT_LABELS.get(init, init)} | {sp:.3g}x | "
@@ -217,9 +226,15 @@ def main() -> None:
                                           "(default: convergence.json in the results dir, "
                                           "if present)")
     ap.add_argument("--table", metavar="JSON")
+    ap.add_argument("--replot", metavar="JSON", help="redraw the PNG beside a result file")
     args = ap.parse_args()
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())))
+        return
+    if args.replot:
+        out = Path(args.replot)
+        convergence.plot(json.loads(out.read_text())["train"],
+                         out.with_name(out.stem + "_train.png"))
         return
     cfg = copy.deepcopy(QUICK if args.quick else DEFAULT)
     cfg["diag_inits"] = DIAG_INITS
