@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
-from .errors import UsageError
+from .errors import DeviceError, UsageError
 from .method.units import is_unit, scan_units
 from .method.within import normalize_within_
-from .options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
+from .options import (
+    CalibrationOptions,
+    PublishOptions,
+    RescaleOptions,
+    SourceOptions,
+)
 from .report import RunReport, UnitRecord
 
 log = logging.getLogger(__name__)
@@ -23,16 +30,37 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
+def resolve_device(device: str, model: nn.Module | None = None) -> torch.device:
+    """auto -> where `model` already is (a caller's model stays put), or, with no model,
+    cuda when available, else cpu; an unavailable device is a clear error."""
     if device == "auto":
+        if model is not None:
+            return next(itertools.chain(model.parameters(), model.buffers()),
+                        torch.empty(0)).device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use cpu.")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as e:
         raise UsageError(f"Unknown device '{device}'; use auto, cpu or cuda.") from e
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device {device} was asked for but no CUDA device is "
+                              "available here; use --device cpu (or auto).")
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(f"--device {device} was asked for but only {count} CUDA "
+                              f"device(s) exist; use cuda:0 to cuda:{count - 1}.")
+    return resolved
+
+
+def _load_seeded(source: str, options: SourceOptions | None, seed: int):
+    """load_source with timm's fresh weights drawn from `seed`: timm draws them from the
+    global CPU generator, which is seeded for the load and then given back as it was."""
+    from .sources import load_source
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return load_source(source, options or SourceOptions())
 
 
 def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
@@ -67,10 +95,11 @@ def rescale(
     means every unit is fresh, as for a model just built. By default (DESIGN 1.3) fresh
     units get a Gaussian draw and the within-layer step, loaded units keep their weights.
     `holdout` images (never used for fitting) serve the checks; without them the
-    calibration images are used.
+    calibration images are used. With `device="auto"` the model stays where it is; the
+    global random generators are not touched (every draw has its own seeded generator).
     """
-    options = _check_options(options or RescaleOptions())
-    device = resolve_device(options.device)
+    options = (options or RescaleOptions()).check()
+    device = resolve_device(options.device, model)
     note = progress or (lambda msg: None)
     t0 = time.perf_counter()
     model.to(device)
@@ -128,6 +157,7 @@ def rescale(
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
     report.timings["total"] = time.perf_counter() - t0
+    _undefined_to_none(report)
     return model, report
 
 
@@ -140,21 +170,26 @@ def rescale_checkpoint(
     calib_options: CalibrationOptions | None = None,
     force: bool = False,
     progress: Callable[[str, int, int | None], None] | None = None,
+    publish: PublishOptions | None = None,
 ) -> RunReport:
-    """SOURCE -> calibration images -> `rescale` -> safetensors file with provenance."""
+    """SOURCE -> calibration images -> `rescale` -> a safetensors file with provenance, or
+    (`output` without .safetensors) a Hub-ready folder described by `publish`."""
     from .data.calibration import check_data, load_calibration
     from .output.checkpoint import check_output, save_checkpoint
+    from .output.folder import is_folder_output, write_folder
     from .output.metadata import build_header
-    from .sources import load_source
+    from .sources.load import input_files
 
     options = options or RescaleOptions()
     calib_options = calib_options or CalibrationOptions()
+    publish = publish or PublishOptions()
     step = progress or (lambda stage, done, total: None)
-    check_output(output, force)  # refuse before any work
+    check_output(output, force, inputs=input_files(source))  # refuse before any work
     check_data(calib_options)
+    device = resolve_device(options.device)
     step("loading model", 0, None)
-    torch.manual_seed(options.seed)  # timm's fresh init draws from the global generator
-    loaded = load_source(source, source_options or SourceOptions())
+    loaded = _load_seeded(source, source_options, options.seed)
+    loaded.model.to(device)
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
     )
@@ -165,11 +200,18 @@ def rescale_checkpoint(
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
+    report.method, report.command_line = describe_method(report), publish.command_line
     step("writing checkpoint", 0, None)
-    metadata = build_header(version=__version__, method=describe_method(report),
+    metadata = build_header(version=__version__, method=report.method,
                             options=report.options, seed=options.seed, loaded=loaded,
                             data=calib.info)
-    save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
+    if is_folder_output(output):
+        write_folder(output, model=model, metadata=metadata, report=report,
+                     originals=loaded.original_tensors, license=publish.license,
+                     repo_id=publish.repo_id, force=force)
+    else:
+        save_checkpoint(model, output, metadata, originals=loaded.original_tensors,
+                        force=force)
     return report
 
 
@@ -194,20 +236,6 @@ def describe_method(report: RunReport) -> str:
         parts.append(f"between(iters={report.between_iterations},damping={o['damping']},"
                      f"tol={o['tol']})")
     return "+".join(parts) or "none"
-
-
-def _check_options(options: RescaleOptions) -> RescaleOptions:
-    from .options import OPTIMIZERS, RESIDUAL_INITS
-
-    if options.weights is not None and options.weights not in WEIGHT_DRAWS:
-        raise UsageError(f"Unknown --weights '{options.weights}'; use one of {WEIGHT_DRAWS}.")
-    if options.optimizer not in OPTIMIZERS:
-        raise UsageError(f"Unknown --optimizer '{options.optimizer}'; use one of "
-                         f"{', '.join(OPTIMIZERS)}.")
-    if options.residual_init not in RESIDUAL_INITS:
-        raise UsageError(f"Unknown --residual-init '{options.residual_init}'; use one of "
-                         f"{', '.join(RESIDUAL_INITS)}.")
-    return options
 
 
 def _first(batches, n: int) -> torch.Tensor:
@@ -247,17 +275,31 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
     report.function_check = result.check
     counts = {s: sum(u.between_status == s for u in report.units)
               for s in ("pinned", "excluded", "tied", "limited")}
-    spread_b, spread_a = (report.rate_spread(w) or float("nan") for w in ("before", "after"))
+    spread_b, spread_a = (_g(report.rate_spread(w)) for w in ("before", "after"))
     rate = "lr/RMS(W) (Adam)" if options.optimizer == "adam" else "change rate"
     report.notes.append(
         f"between-layer: {result.iterations} iteration(s), "
         f"{'converged' if result.converged else 'NOT converged'} within {options.tol:.0%}; "
-        f"{rate} spread (max/min) {spread_b:.3g} -> {spread_a:.3g}; "
+        f"{rate} spread (max/min) {spread_b} -> {spread_a}; "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + (f"; {result.batchnorms_reestimated} BatchNorm layers re-estimated"
            if result.batchnorms_reestimated else "")
     )
     report.timings["between"] = time.perf_counter() - t
+
+
+def _g(value: float | None) -> str:
+    return f"{value:.3g}" if value is not None and math.isfinite(value) else "n/a"
+
+
+def _undefined_to_none(report: RunReport) -> None:
+    """A number the method could not define (the change rate of an all-zero unit is 0/0)
+    is reported as None, never as NaN or Inf (which JSON cannot hold)."""
+    for record in report.units:
+        for f in fields(record):
+            value = getattr(record, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                setattr(record, f.name, None)
 
 
 def measure(
@@ -278,8 +320,8 @@ def measure(
     from .method.units import calibration_mode
     from .method.within import measure_outputs
 
-    options = _check_options(options or RescaleOptions())
-    device = resolve_device(options.device)
+    options = (options or RescaleOptions()).check()
+    device = resolve_device(options.device, model)
     t0 = time.perf_counter()
     model.to(device)
     batches = _batches(images, options.batch_size, device)
@@ -317,6 +359,7 @@ def measure(
         f"change rates spread over {spread:.3g}x (max/min over units with gradient)"
         if spread else "no unit receives gradient")
     report.timings["total"] = time.perf_counter() - t0
+    _undefined_to_none(report)
     return report
 
 
@@ -328,14 +371,17 @@ def measure_source(
     calib_options: CalibrationOptions | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
-    """SOURCE -> calibration images -> `measure` (nothing is written)."""
+    """SOURCE -> calibration images -> `measure` (nothing is written). A bare architecture's
+    fresh weights are drawn from `options.seed`, as in `rescale_checkpoint`."""
     from .data.calibration import check_data, load_calibration
-    from .sources import load_source
 
+    options = options or RescaleOptions()
     check_data(calib_options or CalibrationOptions())
+    device = resolve_device(options.device)
     step = progress or (lambda stage, done, total: None)
     step("loading model", 0, None)
-    loaded = load_source(source, source_options or SourceOptions())
+    loaded = _load_seeded(source, source_options, options.seed)
+    loaded.model.to(device)
     calib = load_calibration(loaded.model, calib_options or CalibrationOptions(),
                              progress=lambda d, t: step("reading images", d, t))
     step("measuring", 0, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UsageError
+
 WEIGHT_DRAWS = ("keep", "gaussian", "orthogonal", "pca", "kmeans")
 OPTIMIZERS = ("sgd", "adam")  # whose relative step the between-layer step equalises
 RESIDUAL_INITS = ("data", "timm")  # residual branches that start at zero (fresh nets)
@@ -31,12 +33,29 @@ class RescaleOptions:
     optimizer: str = "sgd"  # sgd: ||dL/dW|| / ||W||; adam: lr / RMS(W)
     residual_init: str = "data"  # data: zero-started branches get a share; timm: kept
 
+    def check(self) -> RescaleOptions:
+        """Refuse values the method cannot run with (one place for the CLI and the API)."""
+        for flag, value, allowed in (("--weights", self.weights, WEIGHT_DRAWS),
+                                     ("--optimizer", self.optimizer, OPTIMIZERS),
+                                     ("--residual-init", self.residual_init, RESIDUAL_INITS)):
+            if value is not None and value not in allowed:
+                raise UsageError(f"Unknown {flag} '{value}'; use one of {', '.join(allowed)}.")
+        if self.weights is not None and self.within is False:
+            raise UsageError("--weights draws weights for the within-layer step; it cannot be "
+                             "combined with --no-within.")
+        if not 0 < self.damping <= 1:
+            raise UsageError(f"--damping must be in (0, 1], got {self.damping:g}.")
+        if not self.tol > 0:
+            raise UsageError(f"--tol must be positive, got {self.tol:g}.")
+        return self
+
 
 @dataclass
 class SourceOptions:
     """How a SOURCE becomes a model."""
 
     arch: str | None = None
+    token: str | None = None  # Hugging Face token for hf-hub: sources (None: the login)
     num_classes: int | None = None
     model_args: dict = field(default_factory=dict)
     trust_pickle: bool = False
@@ -65,3 +84,13 @@ class CalibrationOptions:
     crop_pct: float | None = None
     interpolation: str | None = None
     workers: int | None = None
+
+
+@dataclass
+class PublishOptions:
+    """What a Hub-ready folder (-o FOLDER) says beyond the run: its licence, the repository
+    it is meant for (the card's loading code), and the command that made it."""
+
+    license: str | None = None
+    repo_id: str | None = None
+    command_line: str | None = None

@@ -119,7 +119,6 @@ def rescale_between_(
                 converged = True
                 break
         else:
-            pred = {k: values[k] + response * float(z[plan.var(k)]) for k in values}
             rates = estimate_rates(model, units, batches, grad_batches, seed, slices)
             values = rates.log_rates()
     reestimated = 0
