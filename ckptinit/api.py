@@ -133,7 +133,7 @@ def rescale(
 
         result = normalize_within_(
             model, scan, batches, records, targets=targets, draws=draws, beta=options.beta,
-            draw_fn=draw_fn,
+            draw_fn=draw_fn, tol=options.tol,
         )
         report.within_passes = result.passes
         report.within_correction = result.max_correction

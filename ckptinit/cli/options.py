@@ -163,7 +163,9 @@ DampingOpt = Annotated[float, typer.Option(
     help="Step size alpha in (0, 1] of the between-layer update r = (C/Cbar)^(alpha/2).")]
 TolOpt = Annotated[float, typer.Option(
     "--tol", metavar="FRACTION", rich_help_panel=METHOD,
-    help="Stop when every change rate is within this fraction of the mean.")]
+    help="Tolerance of both steps: the within-layer passes stop when no channel moves by "
+    "more than this fraction, the between-layer step when every change rate is within it "
+    "of the target.")]
 ItersOpt = Annotated[int, typer.Option(
     "--iters", metavar="N", min=0, rich_help_panel=METHOD,
     help="Most between-layer iterations.")]

@@ -121,7 +121,7 @@ def normalize_within_(
             m.momentum = momenta[n]
         for n, s in saved.items():
             bns[n].load_state_dict(s)
-    state.fill_records(records)
+    state.fill_records(records, tol if len(batches) > 1 else None)
     if len(batches) > 1 and correction > tol:
         log.warning("within-layer step stopped after %d passes with corrections of up to %.3g "
                     "left (tolerance %g); more passes or larger batches would tighten it",
@@ -143,6 +143,7 @@ class _State:
         self.total: dict[str, torch.Tensor] = {}  # per-channel weight scale applied so far
         self.dead: dict[str, torch.Tensor] = {}
         self.draws: dict[str, object] = {}
+        self.change: dict[str, torch.Tensor] = {}  # each unit's correction in the last pass
 
     def goal(self, name: str, mom: Moments):
         if name in self.goals:
@@ -191,7 +192,8 @@ class _State:
                 change = (scale - 1).abs()
                 if module.bias is not None:
                     change = torch.maximum(change, shift.abs() / goal_std)
-                largest.append(torch.where(dead, torch.zeros_like(change), change).amax())
+                self.change[name] = torch.where(dead, torch.zeros_like(change), change).amax()
+                largest.append(self.change[name])
             shape = channel_shape(z, module)
             return (z * scale.to(z.dtype).view(shape) + shift.to(z.dtype).view(shape)
                     ).contiguous()
@@ -207,7 +209,10 @@ class _State:
                 model(x)
         return torch.stack(largest).amax() if largest else torch.zeros(())
 
-    def fill_records(self, records: dict[str, UnitRecord]) -> None:
+    def fill_records(self, records: dict[str, UnitRecord], tol: float | None) -> None:
+        names = list(self.change)
+        changes = dict(zip(names, torch.stack([self.change[n] for n in names]).tolist())
+                       ) if names and tol is not None else {}
         for u in self.units:
             name, rec = u.name, records[u.name]
             if name not in self.before:
@@ -231,6 +236,10 @@ class _State:
             if rec.dead:
                 rec.status = "dead"
                 rec.note = f"{rec.dead} dead channel(s) left unscaled"
+            if tol is not None and changes.get(name, 0.0) > tol:
+                rec.status = "outside tolerance"
+                rec.note = (f"last pass still corrected it by {changes[name]:.2g} "
+                            f"(tolerance {tol:g})")
             if u.module.bias is None:
                 rec.note = ((rec.note + "; ") if rec.note else "") + "no bias: mean kept"
 

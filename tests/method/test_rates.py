@@ -1,16 +1,20 @@
-"""Change-rate estimates: reproducible, and the model is left alone."""
+"""Change-rate estimates: reproducible, per slice, and the model is left alone."""
 
 from __future__ import annotations
 
+import timm
 import torch
 
 from ckptinit.method.rates import estimate_rates
-from tests.method.nets import _bn_setup
+from ckptinit.method.units import scan_units
+from tests.conftest import smooth_images
+from tests.method.nets import pretend_trained, rates
 
 
 def test_estimates_are_reproducible_and_leave_the_model_alone():
-    model, x, plan, _ = _bn_setup()
-    units = [u for g in plan.groups for u in g.units]
+    model = pretend_trained(timm.create_model("resnet18", pretrained=False, num_classes=5))
+    x = smooth_images(8, 32)
+    units = scan_units(model, x[:2]).units
     state = {k: v.clone() for k, v in model.state_dict().items()}
     a = estimate_rates(model, units, [x], draws=1, seed=5)
     b = estimate_rates(model, units, [x], draws=1, seed=5)
@@ -19,3 +23,20 @@ def test_estimates_are_reproducible_and_leave_the_model_alone():
     assert any(a.rate(u.name) != c.rate(u.name) for u in units)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_fused_qkv_gets_one_rate_per_slice_that_matches_an_independent_estimate():
+    model = pretend_trained(timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+        depth=2))
+    x = smooth_images(8, 32)
+    units = scan_units(model, x[:2]).units
+    est = estimate_rates(model, units, [x], draws=64, seed=0,
+                         slices={"blocks.0.attn.qkv": 3})
+    q, k, v = est.slice_rates("blocks.0.attn.qkv")
+    ref = rates(model, x, draws=64)  # Gaussian g, its own code
+    for name, got in (("q", q), ("k", k), ("v", v)):
+        want = ref[f"blocks.0.attn.qkv[{name}]"]
+        assert abs(got / want - 1) < 0.25, (name, got, want)
+    # the slices are not one number: q/k and v differ on trained-looking weights
+    assert max(q, k, v) / min(q, k, v) > 1.05
