@@ -73,7 +73,8 @@ def _skimage_photos() -> list[Image.Image]:
 
 
 def _sample_photos() -> list[Image.Image]:
-    return [Image.open(p).convert("RGB") for p in sorted((ROOT / "samples/images").glob("*.jpg"))]
+    folder = ROOT / "ckptinit/data/samples"
+    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))]
 
 
 def crops(photos: list[Image.Image], n: int, size: int, mean, std, seed: int) -> torch.Tensor:
@@ -202,7 +203,7 @@ def ckptinit(args: list[str], env: dict) -> tuple[int, float, str]:
     return p.returncode, time.perf_counter() - t, (p.stderr.strip().splitlines() or [""])[-1]
 
 
-def run_one(name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
+def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rows = []
     torch.manual_seed(0)
@@ -216,14 +217,14 @@ def run_one(name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
     if opts.size is not None:
         common += ["--input-size", str(size)]
     for kind in ("fresh", "loaded"):
-        out = tmp / f"{name}-{kind}.safetensors"
-        report = tmp / f"{name}-{kind}.json"
+        out = tmp / f"{index}-{name}-{kind}.safetensors"
+        report = tmp / f"{index}-{name}-{kind}.json"
         if kind == "fresh":
             model = fresh
             src = [name]
         else:
             model = trained_like(timm.create_model(name, pretrained=False, **kwargs), 1)
-            ck = tmp / f"{name}-trained.safetensors"
+            ck = tmp / f"{index}-{name}-trained.safetensors"
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
             src = [str(ck), "--arch", name]
         before_r = {w: rates(model, x, opts.draws, 99) for w, x in (("photos", photos),
@@ -308,8 +309,8 @@ def main() -> None:
     archs = [a for a in ARCHS if not opts.archs or a[0] in opts.archs]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kwargs in archs:
-            rows += run_one(name, kwargs, opts, Path(tmp))
+        for i, (name, kwargs) in enumerate(archs):
+            rows += run_one(i, name, kwargs, opts, Path(tmp))
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
         opts.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows},

@@ -40,7 +40,7 @@ class RescaleOptions:
                                      ("--residual-init", self.residual_init, RESIDUAL_INITS)):
             if value is not None and value not in allowed:
                 raise UsageError(f"Unknown {flag} '{value}'; use one of {', '.join(allowed)}.")
-        if self.weights is not None and self.within is False:
+        if self.weights not in (None, "keep") and self.within is False:
             raise UsageError("--weights draws weights for the within-layer step; it cannot be "
                              "combined with --no-within.")
         if not 0 < self.damping <= 1:

@@ -77,10 +77,14 @@ class RunReport:
         return next(u for u in self.units if u.name == name)
 
     def rate_spread(self, which: str = "after", movable_only: bool = True) -> float | None:
-        """max/min change rate over the units the between-layer step may move (or all units
+        """max/min change rate over the unit slices the between-layer step may move (or all
         that receive gradient)."""
-        keep = MOVABLE if movable_only else MOVABLE + ("pinned",)
-        rates = [getattr(u, f"rate_{which}") for u in self.units if u.between_status in keep]
+        keep = MOVABLE if movable_only else MOVABLE + ("pinned", "balanced")
+        rates = []
+        for u in self.units:  # a fused q/k/v projection counts per slice
+            parts = u.slices or [{"status": u.between_status,
+                                  f"rate_{which}": getattr(u, f"rate_{which}")}]
+            rates += [p[f"rate_{which}"] for p in parts if p["status"] in keep]
         rates = [r for r in rates if r is not None and math.isfinite(r) and r > 0]
         return max(rates) / min(rates) if rates else None
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .rates import Key
 from .scales import ScaleGraph, trace_scales
-from .solve import Box, norm_bounds, null_space, reach, scale_bounds
+from .solve import EPS_BUDGET, FRESH_EPS_BUDGET, Box, norm_bounds, null_space, reach, scale_bounds
 from .units import Unit, calibration_mode
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class Plan:
     renormalise: list[str] = field(default_factory=list)  # re-normalised after relaxed moves
     compensation: dict[str, str] = field(default_factory=dict)  # unit -> what absorbs its move
     boxes: list[Box] = field(default_factory=list)
+    all_fresh: bool = False  # a fresh net: no function to keep, only statistics
+    eps_exact: bool = True  # False: a fresh net's LayerNorm eps may shift the outputs a little
 
     @property
     def keys(self) -> list[Key]:
@@ -90,7 +92,13 @@ def plan_moves(
     plan.renormalise = [u.name for u in units if graph.unit_in.get(u.name) in graph.relaxed]
     plan.approximate = approximate | set(plan.renormalise) | {
         u.name for u in units if graph.unit_out.get(u.name) in graph.relaxed}
-    plan.boxes = norm_bounds(graph) + scale_bounds(graph, basis)
+    # a fresh net has no function to keep: a norm's eps may then take a share up to the
+    # statistics' tolerance (a ViT's near-zero cls token would otherwise freeze its stream)
+    plan.all_fresh = bool(units) and all(u.name in fresh for u in units)
+    plan.eps_exact = not (plan.all_fresh
+                          and any(site.kind != "batch_norm" for site in graph.norms))
+    plan.boxes = norm_bounds(graph, EPS_BUDGET if plan.eps_exact else FRESH_EPS_BUDGET) \
+        + scale_bounds(graph, basis)
     plan.compensation = _compensations(model, plan)
     return plan
 

@@ -19,6 +19,7 @@ from .scales import ScaleGraph
 
 EPS_BUDGET = 2e-5  # relative output change a LayerNorm/GroupNorm eps may add (function check)
 BN_EPS_BUDGET = 1e-3  # BatchNorm: eval mode is compensated exactly, this is training mode only
+FRESH_EPS_BUDGET = 1e-2  # a fresh net has no function to keep: its statistics' tolerance
 MAX_SCALE = 1e3  # no parameter or activation is scaled by more than this, either way
 
 
@@ -56,14 +57,15 @@ def null_space(graph: ScaleGraph) -> torch.Tensor:
     return vh[rank:].T.contiguous()
 
 
-def norm_bounds(graph: ScaleGraph) -> list[Box]:
+def norm_bounds(graph: ScaleGraph, budget: float = EPS_BUDGET) -> list[Box]:
     """Log-scale bounds on each norm's input: y = (x - m) / sqrt(v + eps) forgets a scale p of
     x only up to eps: the output moves by about eps / (2 v) * (1 / p^2 - 1). At the 1% quantile
-    of v that must stay under the budget; growing the input only shrinks the eps's share."""
+    of v that must stay under the budget (`budget` for LayerNorm/GroupNorm); growing the
+    input only shrinks the eps's share."""
     boxes = []
     for site in graph.norms:
-        budget = BN_EPS_BUDGET if site.kind == "batch_norm" else EPS_BUDGET
-        room = 2.0 * max(site.var_quantile, 1e-30) * budget / max(site.eps, 1e-30)
+        share = BN_EPS_BUDGET if site.kind == "batch_norm" else budget
+        room = 2.0 * max(site.var_quantile, 1e-30) * share / max(site.eps, 1e-30)
         lo = -0.5 * math.log1p(room)
         hi = -0.5 * math.log1p(-room) if room < 1 else math.inf
         boxes.append(Box({site.var: 1.0}, lo, hi))
