@@ -102,9 +102,10 @@ def rescale_between_(
     tied: set[Key] = set()
     target, iteration, converged, approx_moved = t0, 0, not targeted, False
     fixed = None  # the target, once the first solve has chosen it
+    done = torch.zeros(plan.basis.shape[0], dtype=torch.float64)  # the moves made so far
     while targeted:
         z, target = _solve(plan, values, targeted, counted, tied, slack, response, t0, tol,
-                           fixed)
+                           fixed, done)
         if fixed is None:  # later rounds only correct approximate moves: no drifting target
             fixed = target
             slack = {k: max(slack[k], abs(values[k] + response * float(z[plan.var(k)])
@@ -115,6 +116,7 @@ def rescale_between_(
         iteration += 1
         note(f"between-layer iteration {iteration}")
         z = z * damping
+        done = done + z
         approx_moved |= _apply_(model, plan, z, batches, batchnorm_order or {})
         if adam:
             values = adam_log_rates(units, slices)
@@ -153,8 +155,9 @@ def _worst(values: dict[Key, float], targeted: list[Key], tied: set[Key], t: flo
     return max(devs) if devs else 0.0
 
 
-def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed):
-    """The bounded least-squares update; units that cannot reach the target become tied."""
+def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed, done):
+    """The bounded least-squares update; units that cannot reach the target become tied.
+    The eps and scale bounds hold for the moves of all rounds together (`done` so far)."""
     for _ in range(4):
         terms = []
         for k in targeted:
@@ -168,13 +171,16 @@ def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol
             if q in values and k in values:
                 terms.append(Term({plan.var(q): response, plan.var(k): -response},
                                   values[q] - values[k], 0.0))
-        boxes = list(plan.boxes)
+        boxes = [Box(b.coef, b.lo, b.hi, b.t_coef,
+                     b.const + sum(c * float(done[v]) for v, c in b.coef.items()))
+                 for b in plan.boxes]
         if fixed is not None:
             boxes.append(Box({}, fixed, fixed, 1.0))
         for k in counted:  # nobody ends further from the mean than it started
             if k in values and not (plan.all_fresh and k in plan.balanced):
                 boxes.append(Box({plan.var(k): response}, -slack[k], slack[k], -1.0, values[k]))
         z, t = solve(plan.basis, terms, boxes, t0)
+        z = _feasible(z, boxes[:len(plan.boxes)])
         off = [k for k in targeted if k not in tied and k in values
                and abs(values[k] + response * float(z[plan.var(k)]) - t)
                > TIED_FACTOR * math.log1p(tol)]
@@ -182,6 +188,19 @@ def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol
             return z, t
         tied.update(off)
     return z, t
+
+
+def _feasible(z: torch.Tensor, hard: list[Box]) -> torch.Tensor:
+    """The eps and scale bounds are hard: where the solve could not meet them all (bounds
+    in conflict with the target), shorten the move until it does (the start meets them)."""
+    lam = 1.0
+    for b in hard:
+        val = sum(c * float(z[v]) for v, c in b.coef.items())
+        if val + b.const > b.hi + 1e-12 and val > 0:
+            lam = min(lam, max(0.0, (b.hi - b.const) / val))
+        elif val + b.const < b.lo - 1e-12 and val < 0:
+            lam = min(lam, max(0.0, (b.lo - b.const) / val))
+    return z * lam
 
 
 def _renormalised(plan: Plan, unit: str) -> bool:

@@ -24,6 +24,7 @@ from .units import Unit, calibration_mode
 log = logging.getLogger(__name__)
 
 MOVABLE = 1e-9  # a basis row below this moves nothing
+FREEZE = 2e-3  # a norm input allowed to scale by less than this (in log) is held fixed
 
 
 @dataclass
@@ -97,8 +98,16 @@ def plan_moves(
     plan.all_fresh = bool(units) and all(u.name in fresh for u in units)
     plan.eps_exact = not (plan.all_fresh
                           and any(site.kind != "batch_norm" for site in graph.norms))
-    plan.boxes = norm_bounds(graph, EPS_BUDGET if plan.eps_exact else FRESH_EPS_BUDGET) \
-        + scale_bounds(graph, basis)
+    norms = norm_bounds(graph, EPS_BUDGET if plan.eps_exact else FRESH_EPS_BUDGET)
+    frozen = [v for box in norms if box.hi - box.lo < FREEZE for v in box.coef]
+    if frozen:  # a norm whose eps leaves next to no room: its input scale is held fixed
+        keep = torch.linalg.svd(basis[frozen], full_matrices=True)[2]
+        rank = int((torch.linalg.svdvals(basis[frozen]) > 1e-10).sum())
+        plan.basis = basis = basis @ keep[rank:].T
+        for key in plan.keys:
+            if key not in plan.pinned and float(basis[plan.var(key)].abs().max()) < MOVABLE:
+                plan.pinned[key] = "a norm's eps leaves its scale no room"
+    plan.boxes = [b for b in norms if b.hi - b.lo >= FREEZE] + scale_bounds(graph, basis)
     plan.compensation = _compensations(model, plan)
     return plan
 

@@ -17,7 +17,7 @@ import torch
 
 from .scales import ScaleGraph
 
-EPS_BUDGET = 2e-5  # relative output change a LayerNorm/GroupNorm eps may add (function check)
+EPS_BUDGET = 1e-6  # relative output change a LayerNorm/GroupNorm eps may add (function check)
 BN_EPS_BUDGET = 1e-3  # BatchNorm: eval mode is compensated exactly, this is training mode only
 FRESH_EPS_BUDGET = 1e-2  # a fresh net has no function to keep: its statistics' tolerance
 MAX_SCALE = 1e3  # no parameter or activation is scaled by more than this, either way
@@ -113,42 +113,45 @@ def solve(basis: torch.Tensor, terms: list[Term], boxes: list[Box], t0: float,
     ridge[d] = 1e-12
     h = m.T @ m + torch.diag(ridge)
     g = m.T @ b
+    # active set, with the held constraints as stiff penalties rather than exact KKT rows:
+    # conflicting or degenerate held sets (narrow eps boxes against the target) then give
+    # a least-squares compromise instead of a garbage solution; the caller shortens the
+    # move if a hard bound is still missed by a hair
+    rho = 1e6 * max(float(h.diagonal().abs().max()), 1.0)
     active: dict[int, bool] = {}  # box index -> held at its upper (True) or lower bound
-    u, lam = torch.linalg.solve(h, g), torch.zeros(0, dtype=dtype)
+    u = torch.linalg.solve(h, g)
     for _ in range(iters if len(boxes) else 0):
         bu = bm @ u
         below, above = lo - bu, bu - hi
         worst = torch.maximum(below, above)
         if active:
             worst[list(active)] = -math.inf
+        changed = False
         if float(worst.max()) > 1e-9:  # hold the most violated constraints at their bounds
             for i in worst.topk(min(8, int((worst > 1e-9).sum()))).indices.tolist():
                 active[i] = bool(above[i] > below[i])
-        elif active:  # feasible: release a constraint whose multiplier pulls inwards
-            pull, i = min((float(-lam[j] if up else lam[j]), i)
-                          for j, (i, up) in enumerate(active.items()))
-            if pull >= -1e-12:
-                break
-            del active[i]
-        else:
+            changed = True
+        else:  # release the held constraints whose penalty pulls the solution inwards
+            for i, up in list(active.items()):
+                pull = float(bu[i] - hi[i]) if up else float(lo[i] - bu[i])
+                if pull < -1e-12:
+                    del active[i]
+                    changed = True
+        if not changed:
             break
-        u, lam = _kkt(h, g, bm, lo, hi, active)
+        u = _held(h, g, bm, lo, hi, active, rho)
     return basis @ u[:d], t0 + float(u[d])
 
 
-def _kkt(h, g, bm, lo, hi, active: dict[int, bool]):
-    """min 1/2 u'hu - g'u with the active rows of bm held at their bounds: (u, multipliers)."""
+def _held(h, g, bm, lo, hi, active: dict[int, bool], rho: float) -> torch.Tensor:
+    """min 1/2 u'hu - g'u + rho/2 * sum over held rows of (row u - bound)^2."""
     if not active:
-        return torch.linalg.solve(h, g), torch.zeros(0, dtype=h.dtype)
+        return torch.linalg.solve(h, g)
     idx = list(active)
     a = bm[idx]
     bound = torch.stack([hi[i] if up else lo[i] for i, up in active.items()])
-    n, k = h.shape[0], len(idx)
-    kkt = torch.zeros(n + k, n + k, dtype=h.dtype)
-    kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = h, a.T, a
-    rhs = torch.cat([g, bound])
-    sol = torch.linalg.lstsq(kkt, rhs[:, None], driver="gelsd").solution[:, 0]
-    return sol[:n], sol[n:]
+    return torch.linalg.lstsq(h + rho * a.T @ a, (g + rho * a.T @ bound)[:, None],
+                              driver="gelsd").solution[:, 0]
 
 
 def reach(basis: torch.Tensor, unit_vars: list[int]) -> torch.Tensor:
