@@ -18,7 +18,16 @@ from torch import nn
 
 from .rates import Key
 from .scales import ScaleGraph, trace_scales
-from .solve import EPS_BUDGET, FRESH_EPS_BUDGET, Box, norm_bounds, null_space, reach, scale_bounds
+from .solve import (
+    BN_EPS_BUDGET,
+    EPS_BUDGET,
+    FRESH_EPS_BUDGET,
+    Box,
+    norm_bounds,
+    null_space,
+    reach,
+    scale_bounds,
+)
 from .units import Unit, calibration_mode
 
 log = logging.getLogger(__name__)
@@ -98,7 +107,8 @@ def plan_moves(
     plan.all_fresh = bool(units) and all(u.name in fresh for u in units)
     plan.eps_exact = not (plan.all_fresh
                           and any(site.kind != "batch_norm" for site in graph.norms))
-    norms = norm_bounds(graph, EPS_BUDGET if plan.eps_exact else FRESH_EPS_BUDGET)
+    norms = norm_bounds(graph, EPS_BUDGET if plan.eps_exact else FRESH_EPS_BUDGET,
+                        FRESH_EPS_BUDGET if plan.all_fresh else BN_EPS_BUDGET)
     frozen = [v for box in norms if box.hi - box.lo < FREEZE for v in box.coef]
     if frozen:  # a norm whose eps leaves next to no room: its input scale is held fixed
         keep = torch.linalg.svd(basis[frozen], full_matrices=True)[2]
