@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data.batches import BatchesLike, as_batches, first_images
+from .device import (
+    on_device,
+    peak_rss_bytes,
+    precision,
+    resolve_device,  # noqa: F401  (its old home: ckptinit.api.resolve_device)
+)
 from .errors import UsageError
 from .method.units import is_unit, scan_units
 from .method.within import normalize_within_
@@ -23,23 +30,15 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use cpu.")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise UsageError(f"Unknown device '{device}'; use auto, cpu or cuda.") from e
-
-
-def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
-    if images.dim() != 4 or images.shape[0] == 0:
+def _batches(images: BatchesLike, batch_size: int, device: torch.device):
+    """The calibration images as batches on `device`, streamed (never all on the device)."""
+    if isinstance(images, torch.Tensor) and (images.dim() != 4 or images.shape[0] == 0):
         raise UsageError(f"Calibration images must be a non-empty (N, C, H, W) tensor, got "
                          f"{tuple(images.shape)}.")
-    return [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
+    batches = as_batches(images, batch_size, device)
+    if not len(batches):
+        raise UsageError("Calibration images must hold at least one batch; got none.")
+    return batches
 
 
 def _new_report(command: str, options: RescaleOptions, scan) -> tuple[RunReport, dict]:
@@ -54,30 +53,37 @@ def _new_report(command: str, options: RescaleOptions, scan) -> tuple[RunReport,
 
 def rescale(
     model: nn.Module,
-    images: torch.Tensor,
+    images: BatchesLike,
     options: RescaleOptions | None = None,
     *,
     fresh: Iterable[str] | None = None,
-    holdout: torch.Tensor | None = None,
+    holdout: BatchesLike | None = None,
     progress: Progress | None = None,
 ) -> tuple[nn.Module, RunReport]:
     """Data-dependent initialisation of `model` in place; returns the model and the report.
 
+    `images` is an (N, C, H, W) tensor (batched by `options.batch_size`) or a re-iterable
+    stream of batches (`ckptinit.data.batches.Batches`, e.g. `CalibrationSet.batches()`).
     `fresh` names the units (module names) whose weights are new rather than loaded; None
     means every unit is fresh, as for a model just built. By default (DESIGN 1.3) fresh
     units get a Gaussian draw and the within-layer step, loaded units keep their weights.
     `holdout` images (never used for fitting) serve the checks; without them the
-    calibration images are used.
+    calibration images are used. With `device="auto"` the model ends where it started.
     """
     options = options or RescaleOptions()
     if options.weights is not None and options.weights not in WEIGHT_DRAWS:
         raise UsageError(f"Unknown --weights '{options.weights}'; use one of {WEIGHT_DRAWS}.")
-    device = resolve_device(options.device)
+    with on_device(model, options.device) as run:
+        report = _rescale(model, images, options, run.device, fresh, holdout, progress)
+        report.resources = run.resources()
+    return model, report
+
+
+def _rescale(model, images, options, device, fresh, holdout, progress) -> RunReport:
     note = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    model.to(device)
     batches = _batches(images, options.batch_size, device)
-    scan = scan_units(model, batches[0][:2])
+    scan = scan_units(model, first_images(batches, 2))
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
     report, records = _new_report("rescale", options, scan)
     report.timings["scan"] = time.perf_counter() - t0
@@ -116,14 +122,15 @@ def rescale(
     if options.between:
         holdout_batches = _batches(holdout, options.batch_size, device) if holdout is not None \
             and len(holdout) else batches
-        _between(model, scan, batches, holdout_batches, report, options, fresh_set, note)
+        with precision(device, tf32=False):  # its function check compares outputs to 1e-4
+            _between(model, scan, batches, holdout_batches, report, options, fresh_set, note)
     else:
         report.notes.append("between-layer step skipped")
     if scan.never_called:
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
     report.timings["total"] = time.perf_counter() - t0
-    return model, report
+    return report
 
 
 def rescale_checkpoint(
@@ -153,10 +160,14 @@ def rescale_checkpoint(
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
     )
-    model, report = rescale(
-        loaded.model, calib.images, options, fresh=fresh_units(loaded), holdout=calib.holdout,
-        progress=lambda msg: step(msg, 0, None),
-    )
+    with calib:
+        model, report = rescale(
+            loaded.model, calib.batches(options.batch_size), options,
+            fresh=fresh_units(loaded), holdout=calib.holdout,
+            progress=lambda msg: step(msg, 0, None),
+        )
+        report.resources.update(spool_bytes=calib.spool.nbytes,
+                                spool_dtype=calib.spool.dtype.name)
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
@@ -165,6 +176,7 @@ def rescale_checkpoint(
                             options=report.options, seed=options.seed, loaded=loaded,
                             data=calib.info)
     save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
+    report.resources["peak_rss_bytes"] = peak_rss_bytes()
     return report
 
 
@@ -198,7 +210,7 @@ def _between(model, scan, batches, holdout, report, options, fresh, note) -> Non
 
     t = time.perf_counter()
     note("tracing the data flow")
-    followers = trace_followers(model, batches[0][:2], scan.units)
+    followers = trace_followers(model, first_images(batches, 2), scan.units)
     plan = plan_moves(model, scan.units, followers, fresh, options.allow_function_change)
     records = {r.name: r for r in report.units}
     result = rescale_between_(
@@ -223,7 +235,7 @@ def _between(model, scan, batches, holdout, report, options, fresh, note) -> Non
 
 def measure(
     model: nn.Module,
-    images: torch.Tensor,
+    images: BatchesLike,
     options: RescaleOptions | None = None,
     *,
     fresh: Iterable[str] | None = (),
@@ -232,20 +244,25 @@ def measure(
 
     Statistics are taken as the within-layer step would see them (BatchNorm on batch
     statistics, dropout off); the compensation column says what the between-layer step
-    could do with each unit.
+    could do with each unit. `images` as for `rescale`.
     """
+    options = options or RescaleOptions()
+    with on_device(model, options.device) as run:
+        report = _measure(model, images, options, run.device, fresh)
+        report.resources = run.resources()
+    return report
+
+
+def _measure(model, images, options, device, fresh) -> RunReport:
     from .method.moves import describe, plan_moves
     from .method.rates import estimate_rates
     from .method.trace import trace_followers
     from .method.units import calibration_mode
     from .method.within import measure_outputs
 
-    options = options or RescaleOptions()
-    device = resolve_device(options.device)
     t0 = time.perf_counter()
-    model.to(device)
     batches = _batches(images, options.batch_size, device)
-    scan = scan_units(model, batches[0][:2])
+    scan = scan_units(model, first_images(batches, 2))
     report, records = _new_report("measure", options, scan)
     with calibration_mode(model):
         moments = measure_outputs(model, scan.units, batches)
@@ -253,7 +270,7 @@ def measure(
         m = moments[u.name]
         records[u.name].mean_before = float(m.mean.mean())
         records[u.name].std_before = float(m.std.mean())
-    followers = trace_followers(model, batches[0][:2], scan.units)
+    followers = trace_followers(model, first_images(batches, 2), scan.units)
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
     plan = plan_moves(model, scan.units, followers, fresh_set, options.allow_function_change)
     attention = {g.units[0].name for g in plan.groups if g.kind == "attention"}
@@ -297,7 +314,9 @@ def measure_source(
     calib = load_calibration(loaded.model, calib_options or CalibrationOptions(),
                              progress=lambda d, t: step("reading images", d, t))
     step("measuring", 0, None)
-    report = measure(loaded.model, calib.images, options, fresh=fresh_units(loaded))
+    with calib:
+        report = measure(loaded.model, calib.batches((options or RescaleOptions()).batch_size),
+                         options, fresh=fresh_units(loaded))
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
