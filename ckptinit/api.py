@@ -155,11 +155,14 @@ def rescale_checkpoint(
     check_output(output, force)  # refuse before any work
     check_data(calib_options)
     step("loading model", 0, None)
+    t0 = time.perf_counter()
     torch.manual_seed(options.seed)  # timm's fresh init draws from the global generator
     loaded = load_source(source, source_options or SourceOptions())
+    t1 = time.perf_counter()
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
     )
+    t2 = time.perf_counter()
     with calib:
         model, report = rescale(
             loaded.model, calib.batches(options.batch_size), options,
@@ -175,7 +178,10 @@ def rescale_checkpoint(
     metadata = build_header(version=__version__, method=describe_method(report),
                             options=report.options, seed=options.seed, loaded=loaded,
                             data=calib.info)
+    t3 = time.perf_counter()
     save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
+    report.timings.update(load=t1 - t0, data=t2 - t1, write=time.perf_counter() - t3,
+                          pipeline=time.perf_counter() - t0)
     report.resources["peak_rss_bytes"] = peak_rss_bytes()
     return report
 

@@ -112,7 +112,18 @@ def _tf32_settings() -> list[tuple[object, str, tuple]]:
 
 
 def peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process so far (getrusage), None where unknown."""
+    """Peak resident memory of this process so far, None where unknown.
+
+    VmHWM from /proc where there is one: on Linux getrusage's ru_maxrss also counts the
+    memory of the process that forked this one (it survives exec).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows

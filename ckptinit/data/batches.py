@@ -57,8 +57,11 @@ def count_images(batches: Batches | Sequence[torch.Tensor]) -> int:
 class _Stream:
     """Shared by the spool and tensor streams: batching, prefetching, device transfer.
 
-    A subclass provides `_load(start, stop)` (host side, run ahead in a background thread)
-    and `_finish(host)` (device side, in the caller's thread).
+    A subclass provides `_load(start, stop, buffer)` (host side, run ahead in a background
+    thread: only reads and copies, so that every allocation the consumer keeps is made in
+    its own thread; allocating in the reader thread grows glibc's per-thread arenas with the
+    number of batches) and `_finish(host)` (in the caller's thread: a new tensor on the
+    device, so that `buffer` can be reused for the batch after next).
     """
 
     def __init__(self, num_images: int, batch_size: int, device: torch.device | str,
@@ -88,16 +91,17 @@ class _Stream:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         n = len(self)
+        ring = self._ring()  # host buffers reused batch after batch (or Nones)
         if not self.prefetch or n <= 1:
             for i in range(n):
-                yield self._finish(self._load(*self._range(i)))
+                yield self._finish(self._load(*self._range(i), ring[i % 2]))
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptinit-prefetch") as pool:
-            ahead = pool.submit(self._load, *self._range(0))
+            ahead = pool.submit(self._load, *self._range(0), ring[0])
             for i in range(n):
                 host = ahead.result()
-                if i + 1 < n:
-                    ahead = pool.submit(self._load, *self._range(i + 1))
+                if i + 1 < n:  # batch i's buffer is free again once _finish has copied it
+                    ahead = pool.submit(self._load, *self._range(i + 1), ring[(i + 1) % 2])
                 yield self._finish(host)
 
     def __getitem__(self, i: int) -> torch.Tensor:
@@ -105,21 +109,19 @@ class _Stream:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"batch {i} out of range ({n} batches)")
-        return self._finish(self._load(*self._range(i % n)))
+        return self._finish(self._load(*self._range(i % n), None))
 
     def first(self, n: int | None = None) -> torch.Tensor:
         """The first `n` images (default: the first batch), for probes and tracing."""
         n = self.batch_size if n is None else int(n)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"first() takes 1..{self.batch_size} images, got {n}")
-        return self._finish(self._load(0, min(n, self._count)))
+        return self._finish(self._load(0, min(n, self._count), None))
 
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if host.device == self.device:
-            return host
-        return host.to(self.device, non_blocking=host.is_pinned())
+    def _ring(self) -> list[torch.Tensor | None]:
+        return [None, None]
 
-    def _load(self, start: int, stop: int) -> torch.Tensor:
+    def _load(self, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _finish(self, host: torch.Tensor) -> torch.Tensor:
@@ -149,16 +151,24 @@ class SpoolBatches(_Stream):
             return self
         return SpoolBatches(self.spool, self.batch_size, device, self.normalize, self.prefetch)
 
-    def _load(self, start: int, stop: int) -> torch.Tensor:
-        host = torch.empty((stop - start, *self.spool.shape), dtype=self._dtype,
-                           pin_memory=self.pinned)
+    def _ring(self) -> list[torch.Tensor | None]:
+        if self.pinned:  # pinned blocks come from torch's caching host allocator, which
+            return [None, None]  # hands one out again only once its copy is done
+        shape = (min(self.batch_size, self._count), *self.spool.shape)
+        return [torch.empty(shape, dtype=self._dtype) for _ in range(2)]
+
+    def _load(self, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        shape = (stop - start, *self.spool.shape)
+        host = buffer[: stop - start] if buffer is not None else \
+            torch.empty(shape, dtype=self._dtype, pin_memory=self.pinned)
         self.spool.read(start, stop, out=host.numpy())
-        if self.device.type == "cpu" and self._dtype == torch.uint8:
-            return self.normalize(host)  # on the CPU the background thread normalises too
         return host
 
     def _finish(self, host: torch.Tensor) -> torch.Tensor:
-        x = self._to_device(host)
+        if self.pinned:
+            x = host.to(self.device, non_blocking=True)
+        else:
+            x = host if self._dtype == torch.uint8 else host.clone()  # the buffer is reused
         return self.normalize(x) if x.dtype == torch.uint8 else x
 
 
@@ -180,14 +190,16 @@ class TensorBatches(_Stream):
             return self
         return TensorBatches(self.images, self.batch_size, device)
 
-    def _load(self, start: int, stop: int) -> torch.Tensor:
+    def _load(self, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         x = self.images[start:stop]
         if self.pinned and x.device.type == "cpu" and not x.is_pinned():
             x = x.pin_memory()  # a copy into the caching host allocator, freed after the copy
         return x
 
     def _finish(self, host: torch.Tensor) -> torch.Tensor:
-        return self._to_device(host)
+        if host.device == self.device:
+            return host
+        return host.to(self.device, non_blocking=host.is_pinned())
 
 
 def as_batches(images: BatchesLike, batch_size: int, device: torch.device | str
