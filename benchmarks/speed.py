@@ -218,7 +218,7 @@ def section_memory(args, device) -> dict:
     keys = [(m, n) for m in args.memory_modes for n in args.memory_images]
     runs: dict = {k: [] for k in keys}
     refs = []
-    for _ in range(args.runs):
+    for _ in range(args.memory_runs or args.runs):
         refs.append(B.run_process(ref_cmd, timeout=args.timeout))
         for mode, n in keys:
             r = B.run_process(job(n, mode), timeout=args.timeout)
@@ -352,6 +352,7 @@ def main() -> None:
     ap.add_argument("--memory-size", type=int, default=128)
     ap.add_argument("--memory-batch", type=int, default=64)
     ap.add_argument("--memory-modes", default="within,full")
+    ap.add_argument("--memory-runs", type=int, default=None, help="default: --runs")
     ap.add_argument("--folder", default=None, help="image folder for the memory section")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)

@@ -85,6 +85,9 @@ class ImageSpool:
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Records [start, stop) as one (stop - start, *shape) array, into `out` if given."""
+        if self.closed:
+            raise ValueError("the calibration spool is closed (read its batches inside the "
+                             "CalibrationSet's `with` block)")
         if not 0 <= start <= stop <= self.count:
             raise IndexError(f"spool records [{start}, {stop}) out of range 0..{self.count}")
         if out is None:

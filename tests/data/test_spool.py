@@ -26,6 +26,8 @@ def test_records_round_trip_from_threads():
     assert spool.nbytes == 37 * 105 and len(spool) == 37
     spool.close()
     assert spool.closed
+    with pytest.raises(ValueError, match="closed"):
+        spool.read(0, 1)
 
 
 def test_float_records_and_refusals():
