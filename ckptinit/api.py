@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -17,17 +18,33 @@ from .device import (
     on_device,
     peak_rss_bytes,
     precision,
-    resolve_device,  # noqa: F401  (its old home: ckptinit.api.resolve_device)
+    resolve_device,  # noqa: F401  (public here too: ckptinit.api.resolve_device)
 )
 from .errors import UsageError
 from .method.units import is_unit, scan_units
 from .method.within import normalize_within_
-from .options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
+from .options import (
+    WEIGHT_DRAWS,
+    CalibrationOptions,
+    PublishOptions,
+    RescaleOptions,
+    SourceOptions,
+)
 from .report import RunReport, UnitRecord
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+
+def _load_seeded(source: str, options: SourceOptions | None, seed: int):
+    """load_source with timm's fresh weights drawn from `seed`: timm draws them from the
+    global CPU generator, which is seeded for the load and then given back as it was."""
+    from .sources import load_source
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return load_source(source, options or SourceOptions())
 
 
 def _batches(images: BatchesLike, batch_size: int, device: torch.device):
@@ -68,7 +85,8 @@ def rescale(
     means every unit is fresh, as for a model just built. By default (DESIGN 1.3) fresh
     units get a Gaussian draw and the within-layer step, loaded units keep their weights.
     `holdout` images (never used for fitting) serve the checks; without them the
-    calibration images are used. With `device="auto"` the model ends where it started.
+    calibration images are used. With `device="auto"` the model stays where it is; the
+    global random generators are not touched (every draw has its own seeded generator).
     """
     options = options or RescaleOptions()
     if options.weights is not None and options.weights not in WEIGHT_DRAWS:
@@ -130,6 +148,7 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
     report.timings["total"] = time.perf_counter() - t0
+    _undefined_to_none(report)
     return report
 
 
@@ -142,22 +161,27 @@ def rescale_checkpoint(
     calib_options: CalibrationOptions | None = None,
     force: bool = False,
     progress: Callable[[str, int, int | None], None] | None = None,
+    publish: PublishOptions | None = None,
 ) -> RunReport:
-    """SOURCE -> calibration images -> `rescale` -> safetensors file with provenance."""
+    """SOURCE -> calibration images -> `rescale` -> a safetensors file with provenance, or
+    (`output` without .safetensors) a Hub-ready folder described by `publish`."""
     from .data.calibration import check_data, load_calibration
     from .output.checkpoint import check_output, save_checkpoint
+    from .output.folder import is_folder_output, write_folder
     from .output.metadata import build_header
-    from .sources import load_source
+    from .sources.load import input_files
 
     options = options or RescaleOptions()
     calib_options = calib_options or CalibrationOptions()
+    publish = publish or PublishOptions()
     step = progress or (lambda stage, done, total: None)
-    check_output(output, force)  # refuse before any work
+    check_output(output, force, inputs=input_files(source))  # refuse before any work
     check_data(calib_options)
+    device = resolve_device(options.device)
     step("loading model", 0, None)
     t0 = time.perf_counter()
-    torch.manual_seed(options.seed)  # timm's fresh init draws from the global generator
-    loaded = load_source(source, source_options or SourceOptions())
+    loaded = _load_seeded(source, source_options, options.seed)
+    loaded.model.to(device)
     t1 = time.perf_counter()
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
@@ -174,12 +198,19 @@ def rescale_checkpoint(
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
+    report.method, report.command_line = describe_method(report), publish.command_line
     step("writing checkpoint", 0, None)
-    metadata = build_header(version=__version__, method=describe_method(report),
+    metadata = build_header(version=__version__, method=report.method,
                             options=report.options, seed=options.seed, loaded=loaded,
                             data=calib.info)
     t3 = time.perf_counter()
-    save_checkpoint(model, output, metadata, originals=loaded.original_tensors, force=force)
+    if is_folder_output(output):
+        write_folder(output, model=model, metadata=metadata, report=report,
+                     originals=loaded.original_tensors, license=publish.license,
+                     repo_id=publish.repo_id, force=force)
+    else:
+        save_checkpoint(model, output, metadata, originals=loaded.original_tensors,
+                        force=force)
     report.timings.update(load=t1 - t0, data=t2 - t1, write=time.perf_counter() - t3,
                           pipeline=time.perf_counter() - t0)
     report.resources["peak_rss_bytes"] = peak_rss_bytes()
@@ -229,14 +260,28 @@ def _between(model, scan, batches, holdout, report, options, fresh, note) -> Non
     report.function_check = result.check
     pinned = [u.name for u in report.units if u.between_status == "pinned"]
     excluded = [u.name for u in report.units if u.between_status == "excluded"]
-    spread_b, spread_a = (report.rate_spread(w) or float("nan") for w in ("before", "after"))
+    spread_b, spread_a = (_g(report.rate_spread(w)) for w in ("before", "after"))
     report.notes.append(
         f"between-layer: {result.iterations} iteration(s), "
         f"{'converged' if result.converged else 'NOT converged'} within {options.tol:.0%}; "
-        f"rate spread (max/min) {spread_b:.3g} -> {spread_a:.3g}; {len(pinned)} pinned, "
+        f"rate spread (max/min) {spread_b} -> {spread_a}; {len(pinned)} pinned, "
         f"{len(excluded)} excluded (no gradient)"
     )
     report.timings["between"] = time.perf_counter() - t
+
+
+def _g(value: float | None) -> str:
+    return f"{value:.3g}" if value is not None and math.isfinite(value) else "n/a"
+
+
+def _undefined_to_none(report: RunReport) -> None:
+    """A number the method could not define (the change rate of an all-zero unit is 0/0)
+    is reported as None, never as NaN or Inf (which JSON cannot hold)."""
+    for record in report.units:
+        for f in fields(record):
+            value = getattr(record, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                setattr(record, f.name, None)
 
 
 def measure(
@@ -298,6 +343,7 @@ def _measure(model, images, options, device, fresh) -> RunReport:
         f"change rates spread over {spread:.3g}x (max/min over units with gradient)"
         if spread else "no unit receives gradient")
     report.timings["total"] = time.perf_counter() - t0
+    _undefined_to_none(report)
     return report
 
 
@@ -309,19 +355,22 @@ def measure_source(
     calib_options: CalibrationOptions | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
-    """SOURCE -> calibration images -> `measure` (nothing is written)."""
+    """SOURCE -> calibration images -> `measure` (nothing is written). A bare architecture's
+    fresh weights are drawn from `options.seed`, as in `rescale_checkpoint`."""
     from .data.calibration import check_data, load_calibration
-    from .sources import load_source
 
+    options = options or RescaleOptions()
     check_data(calib_options or CalibrationOptions())
+    device = resolve_device(options.device)
     step = progress or (lambda stage, done, total: None)
     step("loading model", 0, None)
-    loaded = load_source(source, source_options or SourceOptions())
+    loaded = _load_seeded(source, source_options, options.seed)
+    loaded.model.to(device)
     calib = load_calibration(loaded.model, calib_options or CalibrationOptions(),
                              progress=lambda d, t: step("reading images", d, t))
     step("measuring", 0, None)
     with calib:
-        report = measure(loaded.model, calib.batches((options or RescaleOptions()).batch_size),
+        report = measure(loaded.model, calib.batches(options.batch_size),
                          options, fresh=fresh_units(loaded))
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()

@@ -13,21 +13,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; an unavailable cuda is a clear error."""
+def resolve_device(device: str, model: nn.Module | None = None) -> torch.device:
+    """auto -> where `model` already is (a caller's model stays put), or, with no model,
+    cuda when available, else cpu; an unavailable device is a clear error."""
     if device == "auto":
+        if model is not None:
+            return model_device(model)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use cpu.")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as e:
         raise UsageError(f"Unknown device '{device}'; use auto, cpu or cuda.") from e
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device {device} was asked for but no CUDA device is "
+                              "available here; use --device cpu (or auto).")
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(f"--device {device} was asked for but only {count} CUDA "
+                              f"device(s) exist; use cuda:0 to cuda:{count - 1}.")
+    return resolved
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -55,22 +65,14 @@ class DeviceRun:
 
 @contextlib.contextmanager
 def on_device(model: nn.Module, device: str) -> Iterator[DeviceRun]:
-    """Run on `device` (auto/cpu/cuda) with TF32 matmuls allowed on CUDA.
-
-    With `auto`, the caller did not ask for a device: the model is moved back to where it
-    was when the run ends (a CPU model stays a CPU model). An explicit device keeps it.
-    """
-    target = resolve_device(device)
-    home = model_device(model)
+    """Run on `device` (auto/cpu/cuda; auto: where the model already is) with TF32 matmuls
+    allowed on CUDA. The model is moved there and stays there."""
+    target = resolve_device(device, model)
     model.to(target)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
-    try:
-        with precision(target, tf32=True):
-            yield DeviceRun(target)
-    finally:
-        if device == "auto" and home != target:
-            model.to(home)
+    with precision(target, tf32=True):
+        yield DeviceRun(target)
 
 
 @contextlib.contextmanager

@@ -31,5 +31,13 @@ class OutputError(CkptInitError):
     """The output cannot be written (exists, unwritable)."""
 
 
+class DeviceError(CkptInitError):
+    """The requested device does not exist on this machine (e.g. --device cuda, no GPU)."""
+
+
 class FunctionChangedError(CkptInitError):
     """The between-layer step changed the network's outputs beyond the announced tolerance."""
+
+
+class PublishError(CkptInitError):
+    """The Hugging Face Hub refused or could not take an upload (login, access, network)."""

@@ -33,6 +33,7 @@ class SourceOptions:
     """How a SOURCE becomes a model."""
 
     arch: str | None = None
+    token: str | None = None  # Hugging Face token for hf-hub: sources (None: the login)
     num_classes: int | None = None
     model_args: dict = field(default_factory=dict)
     trust_pickle: bool = False
@@ -61,3 +62,13 @@ class CalibrationOptions:
     crop_pct: float | None = None
     interpolation: str | None = None
     workers: int | None = None
+
+
+@dataclass
+class PublishOptions:
+    """What a Hub-ready folder (-o FOLDER) says beyond the run: its licence, the repository
+    it is meant for (the card's loading code), and the command that made it."""
+
+    license: str | None = None
+    repo_id: str | None = None
+    command_line: str | None = None

@@ -55,6 +55,8 @@ class RunReport:
 
     version: str
     command: str
+    method: str | None = None  # one line: the steps that ran and their main parameters
+    command_line: str | None = None  # the command that made it, no token, paths as names
     source: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)

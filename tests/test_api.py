@@ -126,3 +126,108 @@ def test_measure_changes_nothing_and_reports_rates():
     assert report.unit("fc").between_status == "pinned"
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+# --------------------------------------------------------------------------- boundaries
+TINY_CAL = CalibrationOptions(images=4, holdout=2, input_size=32)
+TINY_OPTS = RescaleOptions(device="cpu", batch_size=8, grad_batches=1, iters=1)
+
+
+def test_the_library_leaves_the_global_rng_alone(tmp_path):
+    from ckptinit.api import measure_source, rescale
+
+    state = torch.random.get_rng_state()
+    rescale_checkpoint("test_resnet", tmp_path / "a.safetensors", options=TINY_OPTS,
+                       calib_options=TINY_CAL)
+    measure_source("test_resnet", options=TINY_OPTS, calib_options=TINY_CAL)
+    rescale(timm.create_model("test_resnet"), smooth_images(4), TINY_OPTS)
+    after = torch.random.get_rng_state()
+    torch.random.set_rng_state(state)
+    timm.create_model("test_resnet")  # what the creation above drew, and nothing more
+    assert torch.equal(after, torch.random.get_rng_state())
+
+
+def test_auto_device_leaves_the_callers_model_where_it_is(monkeypatch):
+    from ckptinit.api import rescale, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")  # the library's own models
+    model = timm.create_model("test_resnet")
+    model, _ = rescale(model, smooth_images(4), RescaleOptions(device="auto", batch_size=8,
+                                                               grad_batches=1, iters=1))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_processed_in_float32_and_written_back(tmp_path, monkeypatch, dtype):
+    import ckptinit.api
+
+    sd = {k: v.to(dtype) if v.is_floating_point() else v
+          for k, v in trained_like_state("test_resnet").items()}
+    save_file(sd, tmp_path / "half.safetensors")
+    seen = []
+    real = ckptinit.api.rescale
+
+    def spy(model, *args, **kwargs):
+        seen.append({p.dtype for p in model.parameters()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ckptinit.api, "rescale", spy)
+    out = tmp_path / "out.safetensors"
+    rescale_checkpoint(str(tmp_path / "half.safetensors"), out, options=TINY_OPTS,
+                       source_options=SourceOptions(arch="test_resnet"), calib_options=TINY_CAL)
+    assert seen == [{torch.float32}]
+    result = load_file(out)
+    assert {k: v.dtype for k, v in result.items()} == {k: v.dtype for k, v in sd.items()}
+    assert all(torch.isfinite(v.float()).all() for v in result.values())
+    assert any(not torch.equal(result[k], sd[k]) for k in sd if k.endswith("conv.weight")
+               or k.endswith("conv1.0.weight"))
+
+
+def _net(bias: float | None = None, zero: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        if bias is not None:
+            net[0].bias.fill_(bias)  # every first-layer ReLU dead
+        if zero:
+            net[2].weight.zero_()
+            net[2].bias.zero_()
+    return net
+
+
+@pytest.mark.parametrize("case", ["constant images", "all-zero layer", "dead ReLUs"])
+@pytest.mark.parametrize("within", [None, True])
+def test_degenerate_units_never_give_inf_or_nan(case, within):
+    from ckptinit.api import rescale
+
+    images = torch.full((8, 3, 16, 16), 0.5) if case == "constant images" else smooth_images(8, 16)
+    net = _net(bias=-100.0 if case == "dead ReLUs" else None, zero=case == "all-zero layer")
+    options = RescaleOptions(device="cpu", batch_size=8, grad_batches=1, within=within,
+                             weights="keep" if within else None)
+    net, report = rescale(net, images, options, fresh=set() if case != "constant images" else None)
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values())
+    json.dumps(report.to_dict(), allow_nan=False, default=str)  # no NaN or Inf anywhere
+    assert torch.isfinite(net(smooth_images(2, 16))).all()
+
+
+def test_a_result_with_non_finite_values_is_never_written(tmp_path, monkeypatch):
+    import ckptinit.api
+    from ckptinit.errors import OutputError
+
+    real = ckptinit.api.rescale
+
+    def broken(model, *args, **kwargs):
+        model, report = real(model, *args, **kwargs)
+        with torch.no_grad():
+            model.fc.bias[0] = float("nan")
+        return model, report
+
+    monkeypatch.setattr(ckptinit.api, "rescale", broken)
+    with pytest.raises(OutputError, match=r"fc.bias \(float32: 1 NaN\)"):
+        rescale_checkpoint("test_resnet", tmp_path / "o.safetensors", options=TINY_OPTS,
+                           calib_options=TINY_CAL)
+    assert list(tmp_path.iterdir()) == []

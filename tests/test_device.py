@@ -13,7 +13,7 @@ from ckptinit.api import rescale
 from ckptinit.data import load_calibration
 from ckptinit.data.batches import TensorBatches
 from ckptinit.device import model_device, on_device, precision, resolve_device
-from ckptinit.errors import UsageError
+from ckptinit.errors import DeviceError, UsageError
 from ckptinit.options import CalibrationOptions, RescaleOptions
 from tests.conftest import smooth_images
 
@@ -30,10 +30,11 @@ def _tf32_state():
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto", torch.nn.Linear(2, 2)) == torch.device("cpu")  # stays put
     with pytest.raises(UsageError):
         resolve_device("tpu9")
     if not torch.cuda.is_available():
-        with pytest.raises(UsageError):
+        with pytest.raises(DeviceError):
             resolve_device("cuda")
 
 
@@ -109,11 +110,11 @@ def test_cuda_batches_equal_cpu_bit_for_bit_without_host_syncs():
 
 
 @cuda
-def test_cuda_rescale_reports_device_memory_and_returns_the_model_home():
+def test_cuda_rescale_reports_device_memory():
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     model, report = rescale(model, smooth_images(24, 64), RescaleOptions(
-        batch_size=8, grad_batches=1, iters=2, device="auto"))
-    assert model_device(model) == torch.device("cpu")
+        batch_size=8, grad_batches=1, iters=2, device="cuda"))
+    assert model_device(model).type == "cuda"  # an explicit device keeps the model there
     res = report.resources
     assert res["device"].startswith("cuda") and res["peak_device_bytes"] > 0
     assert res["device_name"]

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .errors import cli_errors
-from .options import QuietOpt, TrustPickleOpt
+from .options import JsonOpt, QuietOpt, TrustPickleOpt
 from .ui import Ui
 
 
@@ -18,8 +18,7 @@ def info(
         metavar="FILE", show_default=False,
         help="A checkpoint file (.safetensors, or a pickle: .pth, .pt, .bin).")],
     trust_pickle: TrustPickleOpt = False,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print the information as JSON.")] = False,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Show what a checkpoint holds: format, tensors, architecture and ckptinit provenance.

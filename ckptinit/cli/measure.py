@@ -27,6 +27,7 @@ from .options import (
     NumClassesOpt,
     PlotOpt,
     QuietOpt,
+    ReportOpt,
     RevisionOpt,
     SeedOpt,
     ShuffleBufferOpt,
@@ -77,17 +78,19 @@ def measure(
     allow_function_change: AllowChangeOpt = _R.allow_function_change,
     device: DeviceOpt = _R.device,
     batch_size: BatchOpt = _R.batch_size,
-    json_path: JsonOpt = None,
+    report: ReportOpt = None,
     plot: PlotOpt = None,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure every unit's output statistics and change rate; change and write no model.
 
-    Prints the table on stderr; writes only the files asked for with --json and --plot.
+    Prints the table on stderr; writes only the files asked for with --report and --plot
+    (their paths go to stdout), or, with --json, the measurements on stdout.
     """
     with cli_errors():
-        src, cal, opts = stage_options(ctx.params)
         ui = Ui(quiet)
+        src, cal, opts = stage_options(ctx)
         from ..api import measure_source
         from .render import print_report
 
@@ -95,5 +98,6 @@ def measure(
             run = measure_source(source, options=opts, source_options=src, calib_options=cal,
                                  progress=ui.progress)
         print_report(run, ui.console)
-        for path in write_outputs(run, json_path, plot):
+        written = write_outputs(run, report, plot, as_json)
+        for path in written or []:
             typer.echo(path)

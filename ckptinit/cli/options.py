@@ -5,7 +5,8 @@ into the library's option objects (`stage_options`)."""
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,8 @@ import typer
 from ..errors import UsageError
 from ..options import WEIGHT_DRAWS, CalibrationOptions, RescaleOptions, SourceOptions
 from .outputs import PLOT_SUFFIXES, check_side_file
+
+log = logging.getLogger(__name__)
 
 MODEL = "Model"
 DATA = "Calibration data"
@@ -77,7 +80,8 @@ ImageColumnOpt = Annotated[str | None, typer.Option(
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True, show_default=False,
     rich_help_panel=DATA,
-    help="Hugging Face token for gated or private datasets.")]
+    help="Hugging Face token for gated or private datasets, hf-hub: models and --push-to "
+    "(default: the `hf auth login` token).")]
 ShuffleBufferOpt = Annotated[int, typer.Option(
     "--shuffle-buffer", metavar="N", min=1, rich_help_panel=DATA,
     help="Shuffle buffer of streamed datasets.")]
@@ -156,18 +160,34 @@ FunctionTolOpt = Annotated[float, typer.Option(
     help="Largest relative change of the outputs on held-out images allowed for loaded "
     "weights; above it nothing is written.")]
 OutputOpt = Annotated[Path, typer.Option(
-    "--output", "-o", metavar="FILE.safetensors", show_default=False,
-    rich_help_panel=OUTPUT, help="Output checkpoint.")]
+    "--output", "-o", metavar="FILE.safetensors|FOLDER", show_default=False,
+    rich_help_panel=OUTPUT, help="Output checkpoint, or a folder ready for the Hub "
+    "(model.safetensors, config.json, README.md model card, JSON report, plots).")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", rich_help_panel=OUTPUT,
+    help="Overwrite an existing output (a folder only if ckptinit wrote it; with --push-to, "
+    "also the repository's model card).")]
+PushToOpt = Annotated[str | None, typer.Option(
+    "--push-to", metavar="REPO_ID", show_default=False, rich_help_panel=OUTPUT,
+    help="Upload the output folder to this Hugging Face Hub model repository (see `ckptinit "
+    "push`).")]
+PrivateOpt = Annotated[bool, typer.Option(
+    "--private", rich_help_panel=OUTPUT,
+    help="Create the Hub repository as private (an existing one keeps its visibility).")]
+LicenseOpt = Annotated[str | None, typer.Option(
+    "--license", metavar="ID", show_default=False, rich_help_panel=OUTPUT,
+    help="Licence of a folder's weights, a Hub licence id such as apache-2.0 (default: the "
+    "source's licence from its config.json, none for a fresh architecture).")]
+
+# --------------------------------------------------------------------------- rescale and measure
 ReportOpt = Annotated[Path | None, typer.Option(
     "--report", metavar="FILE.json", show_default=False, rich_help_panel=OUTPUT,
-    help="Write the per-unit report as JSON ('-': stdout).")]
-ForceOpt = Annotated[bool, typer.Option(
-    "--force", rich_help_panel=OUTPUT, help="Overwrite an existing output.")]
+    help="Write the per-unit report to this JSON file ('-': stdout, as --json).")]
 
-# --------------------------------------------------------------------------- measure only
-JsonOpt = Annotated[Path | None, typer.Option(
-    "--json", metavar="FILE.json", show_default=False, rich_help_panel=OUTPUT,
-    help="Write the per-unit measurements as JSON ('-': stdout).")]
+# --------------------------------------------------------------------------- every command
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", rich_help_panel=OUTPUT,
+    help="Print the result as JSON on stdout (and nothing else there).")]
 
 
 # --------------------------------------------------------------------------- values -> options
@@ -175,21 +195,26 @@ JsonOpt = Annotated[Path | None, typer.Option(
 # The side files of the commands (parameter name -> option, suffixes), checked in this order.
 SIDE_FILES = {
     "report": ("--report", (".json",)),
-    "json_path": ("--json", (".json",)),
     "plot": ("--plot", PLOT_SUFFIXES),
+}
+# Data options that a kind of --data never reads (the CLI warns when they are given).
+UNUSED_DATA_OPTIONS = {
+    "samples": ("split", "config", "revision", "image_column", "shuffle_buffer"),
+    "local": ("config", "revision", "shuffle_buffer"),
 }
 
 
 def stage_options(
-    params: Mapping[str, Any],
+    ctx: typer.Context,
 ) -> tuple[SourceOptions, CalibrationOptions, RescaleOptions]:
     """The one options object per stage, from the parameters of `rescale` or `measure`.
 
-    `params` is the command's `ctx.params` (Typer needs each option in the command's
-    signature; its value is read back from there). Method options a command lacks keep
-    their defaults. Bad values, an unknown device and unwritable side files are refused
-    here, before any work.
+    Typer needs each option in the command's signature; its value is read back from
+    `ctx.params`. Method options a command lacks keep their defaults. Bad values, an
+    unknown device and unwritable side files are refused here, before any work; data
+    options that the kind of --data never reads are named in a warning.
     """
+    params = ctx.params
     method = RescaleOptions(
         **{f.name: params[f.name] for f in fields(RescaleOptions) if f.name in params})
     _check_method(method)
@@ -197,13 +222,42 @@ def stage_options(
     for name, (flag, suffixes) in SIDE_FILES.items():
         if name in params:
             check_side_file(_path(params[name]), flag, suffixes)
+    given = {name for name in params if _given(ctx, name)}
     source = SourceOptions(
-        arch=params["arch"], num_classes=params["num_classes"],
+        arch=params["arch"], num_classes=params["num_classes"], token=params.get("token"),
         model_args=parse_model_args(params["model_arg"]), trust_pickle=params["trust_pickle"],
         use_ema=params["use_ema"], strip_prefix=list(params["strip_prefix"] or []),
         key_map=parse_key_map(params["key_map"]))
     calibration = CalibrationOptions(**{f.name: params[f.name] for f in fields(CalibrationOptions)})
+    warn_unused_data_options(params["source"], calibration, given,
+                             pushes=bool(params.get("push_to")))
     return source, calibration, method
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """The option was typed on the command line (not a default, not an environment value)."""
+    found = ctx.get_parameter_source(name)
+    return found is not None and found.name == "COMMANDLINE"
+
+
+def warn_unused_data_options(source: str, options: CalibrationOptions, given: set[str],
+                             pushes: bool = False) -> None:
+    """One warning line naming the data options given that --data's kind never reads, and
+    a --token that neither SOURCE, --data nor an upload (`pushes`) needs."""
+    from ..sources.pretrained import HUB_PREFIXES
+
+    data = options.data
+    kind = "samples" if data == "samples" else "local" if Path(data).expanduser().exists() \
+        else None
+    unused = [name for name in UNUSED_DATA_OPTIONS.get(kind, ()) if name in given]
+    on_hub = kind is None or pushes or source.startswith(HUB_PREFIXES)
+    if "token" in given and not on_hub:
+        unused.append("token")
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        what = "the shipped samples" if kind == "samples" else f"local data '{data}'"
+        log.warning("%s not used with %s (they apply to Hugging Face Hub datasets)", flags,
+                    what)
 
 
 def _check_method(o: RescaleOptions) -> None:

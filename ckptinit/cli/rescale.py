@@ -1,4 +1,5 @@
-"""`ckptinit rescale SOURCE -o FILE.safetensors`: initialise or rescale, write a checkpoint."""
+"""`ckptinit rescale SOURCE -o FILE.safetensors|FOLDER`: initialise or rescale, write a
+checkpoint or a Hub-ready folder (and with --push-to, upload it)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ from .options import (
     InputSizeOpt,
     InterpolationOpt,
     ItersOpt,
+    JsonOpt,
     KeyMapOpt,
+    LicenseOpt,
     MeanOpt,
     ModelArgOpt,
     NumClassesOpt,
     OutputOpt,
     PatchBudgetOpt,
     PlotOpt,
+    PrivateOpt,
+    PushToOpt,
     QuietOpt,
     ReportOpt,
     RevisionOpt,
@@ -52,6 +57,7 @@ from .options import (
     stage_options,
 )
 from .outputs import write_outputs
+from .push import publish_options, upload
 from .ui import Ui
 
 _R, _C = RescaleOptions, CalibrationOptions  # defaults live in the option dataclasses
@@ -100,25 +106,35 @@ def rescale(
     output: OutputOpt,
     report: ReportOpt = None,
     plot: PlotOpt = None,
+    license: LicenseOpt = None,
+    push_to: PushToOpt = None,
+    private: PrivateOpt = False,
     force: ForceOpt = False,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Initialise or rescale a model from calibration images; write a safetensors checkpoint.
+    """Initialise or rescale a model from calibration images; write a safetensors checkpoint
+    or (-o FOLDER) a folder ready for the Hugging Face Hub.
 
     A bare architecture gets fresh Gaussian weights, the within-layer and the between-layer
     step; weights from a checkpoint get the between-layer step only (plus the within-layer
     step for units the checkpoint did not provide).
     """
     with cli_errors():
-        src, cal, opts = stage_options(ctx.params)
         ui = Ui(quiet)
+        src, cal, opts = stage_options(ctx)
+        publish = publish_options(ctx, output, push_to, license, token, force, private)
         from ..api import rescale_checkpoint
         from .render import print_report
 
         with ui:
             run = rescale_checkpoint(source, output, options=opts, source_options=src,
-                                     calib_options=cal, force=force, progress=ui.progress)
+                                     calib_options=cal, force=force, progress=ui.progress,
+                                     publish=publish)
         print_report(run, ui.console)
-        write_outputs(run, report, plot)
-        if str(report) != "-":  # with the report on stdout, stdout stays valid JSON
+        json_out = write_outputs(run, report, plot, as_json) is None  # None: JSON on stdout
+        if not json_out:
             typer.echo(str(output))
+        if publish.repo_id:
+            upload(ui, output, publish.repo_id, url_on_stdout=not json_out, token=token,
+                   private=private, force=force)

@@ -345,5 +345,6 @@ def _nothing_usable(source: Source, tried: int, skipped: list[Skip]) -> str:
     where = f"'{source.resolved}'" if source.resolved else "the data"
     if not tried:
         return f"No images found in {where}; pass an image folder, a dataset id, or 'samples'."
-    return (f"No readable image in {where}: found {tried}, all {len(skipped)} undecodable "
-            f"(e.g. {skipped[0].label}: {skipped[0].reason}); pass another folder or dataset.")
+    return (f"No usable image in {where}: found {tried}, all {len(skipped)} unreadable, too "
+            f"small or too large (e.g. {skipped[0].label}: {skipped[0].reason}); pass another "
+            "folder or dataset.")

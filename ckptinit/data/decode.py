@@ -10,14 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+MIN_SIDE = 8  # pixels; smaller images carry no usable statistics once scaled up
+
 
 def decode(payload: Any, mode: str) -> Any:
-    """Any supported payload -> a PIL image in `mode` ('RGB' or 'L'). Raises on bad data."""
+    """Any supported payload -> a PIL image in `mode` ('RGB' or 'L'). Raises on bad data,
+    on images smaller than MIN_SIDE a side, and on decompression bombs (more pixels than
+    PIL's MAX_IMAGE_PIXELS), before decoding their pixels."""
     from PIL import Image, ImageOps
 
     if payload is None:
         raise ValueError("no image in this row")
     if isinstance(payload, Image.Image):
+        check_size(payload.size)
         return _to_mode(payload, mode)
     if isinstance(payload, dict):
         data, path = payload.get("bytes"), payload.get("path")
@@ -30,9 +35,23 @@ def decode(payload: Any, mode: str) -> Any:
     source = io.BytesIO(payload) if isinstance(payload, (bytes, bytearray, memoryview)) \
         else payload
     with Image.open(source) as image:
+        check_size(image.size)  # from the header: nothing decoded yet
         image.load()  # truncated or corrupt files fail here, not later in a transform
         image = ImageOps.exif_transpose(image) or image
         return _to_mode(image, mode)
+
+
+def check_size(size: tuple[int, int]) -> None:
+    """Refuse an image too small to calibrate on, or one whose size is a decompression bomb."""
+    from PIL import Image
+
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ValueError(f"{width}x{height} pixels: a decompression bomb? (over PIL's limit of "
+                         f"{limit:,} pixels)")
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(f"{width}x{height} pixels: too small (at least {MIN_SIDE} px a side)")
 
 
 def _to_mode(image: Any, mode: str) -> Any:

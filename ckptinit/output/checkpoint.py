@@ -5,33 +5,54 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import OutputError
+from ..errors import OutputError, UsageError
+from .atomic import atomic_path, check_writable
 from .metadata import with_format
 
 log = logging.getLogger(__name__)
 
 
-def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse early (before any work) an output that exists or cannot be written."""
+def check_output(path: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse early (before any work) an output that exists, cannot be written, or would
+    replace one of the `inputs` (the files the run reads): a .safetensors file, or else a
+    Hub-ready folder (output/folder.py)."""
+    from .folder import check_folder, is_folder_output
+
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise OutputError(f"Output '{path}' must end in .safetensors.")
-    if path.exists() and not force:
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise UsageError(f"Output '{path}' is the input '{source}'; write to another file "
+                             "(the input is only read).")
+        if _inside(Path(source), path):
+            raise UsageError(f"Output '{path}' is the input folder (it holds '{source}'); "
+                             "write to another folder (the input is only read).")
+    if is_folder_output(path):
+        return check_folder(path, force)
+    if path.exists() and not path.is_dir() and not force:
         raise OutputError(f"Output '{path}' already exists; pass --force to overwrite it.")
-    if path.is_dir():
-        raise OutputError(f"Output '{path}' is a folder; give a file name ending in .safetensors.")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"Cannot write '{path}': folder '{parent}' does not exist.")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"Cannot write '{path}': folder '{parent}' is not writable.")
+    check_writable(path, "output")
     return path
+
+
+def _inside(file: Path, folder: Path) -> bool:
+    """`file` lies in the folder `folder` (an output folder that holds an input)."""
+    try:
+        return folder.is_dir() and file.exists() and os.path.samefile(file.parent, folder)
+    except OSError:
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def state_for_saving(
@@ -68,29 +89,48 @@ def save_checkpoint(
     originals: dict[str, torch.Tensor] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write `model` to `path` through a temporary file and a rename: no half-written output."""
+    """Write `model` to `path` through a temporary file and a rename: no half-written output,
+    and no output at all when a tensor holds NaN or Inf (in its saved dtype)."""
     from safetensors.torch import save_file
 
     path = check_output(path, force)
     tensors = state_for_saving(model, originals)
+    check_finite(tensors, f"Refusing to write '{path}'")
     meta = with_format(metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
         _sort_metadata_(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; follow the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%d tensors)", path, len(tensors))
     return path
 
 
-def _sort_metadata_(path: str) -> None:
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """None when every floating tensor is finite, else one phrase naming the bad ones:
+    "2 tensor(s): conv1.weight (float32: 3 NaN); fc.bias (float16: 1 Inf)"."""
+    bad = []
+    for name, t in tensors.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        counts = [f"{n} {kind}" for n, kind in ((int(torch.isnan(t).sum()), "NaN"),
+                                                (int(torch.isinf(t).sum()), "Inf")) if n]
+        bad.append(f"{name} ({str(t.dtype).replace('torch.', '')}: {', '.join(counts)})")
+    if not bad:
+        return None
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"{len(bad)} tensor(s): {'; '.join(bad[:3])}{more}"
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """OutputError naming the tensors with NaN or Inf (a changed float16 tensor that left
+    the float16 range shows up here as Inf)."""
+    bad = non_finite(tensors)
+    if bad:
+        raise OutputError(f"{what}: non-finite values in {bad}; nothing was written (a "
+                          "float16 value beyond 65504 becomes Inf). Try --no-between, or "
+                          "report it with the command line.")
+
+
+def _sort_metadata_(path: str | Path) -> None:
     """Same run, same bytes: safetensors writes the metadata in hash order, so rewrite the
     header (same length, padded with spaces as the format allows) with sorted metadata."""
     with open(path, "r+b") as f:

@@ -16,6 +16,7 @@ from .arch import checkpoint_arch, read_config_beside
 from .files import existing_file, is_safetensors, torch_load
 from .keys import candidate_dicts, common_dotted_prefix
 from .loaded import CheckpointInfo
+from .sniff import check_safetensors_header
 
 
 def read_info(path: str | os.PathLike, trust_pickle: bool = False) -> CheckpointInfo:
@@ -56,6 +57,7 @@ _SAFETENSORS_DTYPES = {
 def _safetensors_info(p: Path, size: int) -> CheckpointInfo:
     from safetensors import safe_open
 
+    check_safetensors_header(p)
     dtypes: Counter[str] = Counter()
     count = 0
     n = 0
@@ -73,7 +75,8 @@ def _safetensors_info(p: Path, size: int) -> CheckpointInfo:
                 count += numel
                 n += 1
     except Exception as e:
-        raise SourceError(f"Cannot read {p.name} as safetensors: {one_line(e)}") from e
+        raise SourceError(f"{p.name} is corrupt: safetensors cannot read it ({one_line(e)}); "
+                          "fetch it again.") from e
     return CheckpointInfo(
         path=str(p),
         format="safetensors",

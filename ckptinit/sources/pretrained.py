@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .._helpers import one_line
-from ..errors import SourceError
+from ..errors import SourceError, UsageError
 from ..options import SourceOptions
 from .loaded import LoadedModel
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 LOCAL_DIR_PREFIX = "local-dir:"
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's Hub order
 
 def create_architecture(
     name: str, options: SourceOptions, pretrained_cfg: dict | None = None
@@ -42,8 +44,9 @@ def create_architecture(
     overlay = _pretrained_cfg_overlay(pretrained_cfg)
     try:
         return timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
-    except TypeError as e:
-        raise SourceError(f"Cannot build '{name}' with {kwargs}: {one_line(e)}") from e
+    except TypeError as e:  # an argument the architecture does not take: --model-arg
+        raise UsageError(f"Cannot build '{name}' with {kwargs}: {one_line(e)}; check "
+                         "--model-arg.") from e
 
 
 def _pretrained_cfg_overlay(pretrained_cfg: Mapping[str, Any] | None) -> dict | None:
@@ -58,17 +61,17 @@ def _pretrained_cfg_overlay(pretrained_cfg: Mapping[str, Any] | None) -> dict | 
 
 
 def load_pretrained(source: str, options: SourceOptions) -> LoadedModel:
-    """hf-hub: and local-dir: go through timm so that its filters and head adaptation apply."""
+    """hf-hub: and local-dir: go through timm so that its filters and head adaptation apply.
+
+    A Hub repository is first fetched into the Hugging Face cache with `options.token`
+    (timm's own Hub loader takes no token), then loaded by timm from that snapshot.
+    """
     import timm
 
     is_hub = source.startswith(HUB_PREFIXES)
     ident = source.split(":", 1)[1]
     if not ident:
         raise SourceError(f"'{source}' names no repository or folder after the prefix.")
-    if options.arch:
-        log.info("--arch is ignored for %s: its config.json names the architecture", source)
-    if options.strip_prefix or options.key_map or options.use_ema:
-        log.info("--strip-prefix/--key-map/--use-ema apply to checkpoint files only")
     repo_id, rev = (ident.split("@", 1) + [None])[:2] if is_hub else (None, None)
     local_path = None if is_hub else Path(ident).expanduser()
     if local_path is not None and not (local_path / "config.json").is_file():
@@ -81,10 +84,10 @@ def load_pretrained(source: str, options: SourceOptions) -> LoadedModel:
     if options.num_classes is not None:
         kwargs["num_classes"] = options.num_classes
     try:
-        model = timm.create_model(
-            f"hf-hub:{ident}" if is_hub else source, pretrained=True, **kwargs
-        )
-        raw = _timm_raw_state_dict(model, ident, local_path)
+        if is_hub:
+            local_path = fetch_hub_snapshot(repo_id, rev, options.token)
+        model = timm.create_model(f"{LOCAL_DIR_PREFIX}{local_path}", pretrained=True, **kwargs)
+        raw = _timm_raw_state_dict(local_path)
     except SourceError:
         raise
     except Exception as e:
@@ -98,9 +101,9 @@ def load_pretrained(source: str, options: SourceOptions) -> LoadedModel:
         source=source,
         pretrained=True,
         kind="hf-hub" if is_hub else "local-dir",
-        path=str(local_path) if local_path else None,
+        path=None if is_hub else str(local_path),
         repo_id=repo_id,
-        revision=model_revision(repo_id, rev) if is_hub else None,
+        revision=model_revision(local_path, rev) if is_hub else None,
         arch_from="config.json",
         model_args=_model_args_of(model, options),
         num_classes=model_num_classes(model, options.num_classes),
@@ -113,29 +116,39 @@ def load_pretrained(source: str, options: SourceOptions) -> LoadedModel:
     return lm
 
 
-def _timm_raw_state_dict(
-    model: nn.Module, ident: str, local_path: Path | None
-) -> dict[str, torch.Tensor]:
-    """The weights timm just loaded, re-read as stored (cached) to keep their original dtype."""
+def fetch_hub_snapshot(repo_id: str, revision: str | None, token: str | None) -> Path:
+    """config.json and the weights timm would pick, fetched with `token` into the Hugging
+    Face cache; returns the snapshot folder (what timm then loads as local-dir:)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    config = Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token))
+    cfg = json.loads(config.read_text())
+    pretrained_cfg = cfg.get("pretrained_cfg", cfg) if isinstance(cfg, dict) else {}
+    named = pretrained_cfg.get("hf_hub_filename")
+    names = [named] if named else list(HUB_WEIGHT_FILES)
+    for i, name in enumerate(names):
+        try:
+            hf_hub_download(repo_id, name, revision=revision, token=token)
+            break
+        except EntryNotFoundError:
+            if i == len(names) - 1:
+                raise
+    return config.parent
+
+
+def _timm_raw_state_dict(local_path: Path) -> dict[str, torch.Tensor]:
+    """The weights timm just loaded, re-read as stored to keep their original dtype."""
     import timm.models
 
-    if local_path is not None:
-        for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"):
-            if (local_path / name).is_file():
-                return timm.models.load_state_dict(str(local_path / name))
-        for ext in (".safetensors", ".pth", ".pth.tar", ".bin"):
-            files = sorted(local_path.glob(f"*{ext}"))
-            if files:
-                return timm.models.load_state_dict(str(files[0]))
-        return {}
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    hub_id = cfg.get("hf_hub_id") or ident
-    filename = cfg.get("hf_hub_filename")
-    if filename:
-        sd = timm.models.load_state_dict_from_hf(hub_id, filename)
-    else:
-        sd = timm.models.load_state_dict_from_hf(hub_id, weights_only=True)
-    return timm.models.clean_state_dict(sd) if isinstance(sd, dict) else {}
+    for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"):
+        if (local_path / name).is_file():
+            return timm.models.load_state_dict(str(local_path / name))
+    for ext in (".safetensors", ".pth", ".pth.tar", ".bin"):
+        files = sorted(local_path.glob(f"*{ext}"))
+        if files:
+            return timm.models.load_state_dict(str(files[0]))
+    return {}
 
 
 def _account_timm_load(lm: LoadedModel, raw: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
@@ -217,22 +230,13 @@ def _timm_error(source: str, repo_id: str | None, e: Exception) -> SourceError:
     return SourceError(f"Cannot load '{source}' with timm: {name}: {msg}")
 
 
-def model_revision(repo_id: str | None, rev: str | None) -> str | None:
-    """The commit the cached snapshot came from, without another network call."""
-    if not repo_id:
-        return rev
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo_id, "config.json", revision=rev)
-    except Exception:  # noqa: BLE001 - provenance is best effort
-        return rev
-    if isinstance(path, str):
-        parts = Path(path).parts
-        if "snapshots" in parts:
-            i = parts.index("snapshots")
-            if i + 1 < len(parts):
-                return parts[i + 1]
+def model_revision(snapshot: Path | None, rev: str | None) -> str | None:
+    """The commit a Hub snapshot folder (.../snapshots/<sha>) holds; else what was asked."""
+    parts = snapshot.parts if snapshot is not None else ()
+    if "snapshots" in parts:
+        i = parts.index("snapshots")
+        if i + 1 < len(parts):
+            return parts[i + 1]
     return rev
 
 

@@ -9,7 +9,7 @@ from tests.cli.helpers import ARCH, PNG_MAGIC, TINY, invoke
 
 def test_measure_writes_json_and_png_and_nothing_else(tmp_path):
     js, png = tmp_path / "m.json", tmp_path / "m.png"
-    result = invoke("measure", ARCH, "--json", js, "--plot", png, *TINY)
+    result = invoke("measure", ARCH, "--report", js, "--plot", png, *TINY)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.png"]
     assert result.stdout.split() == [str(js), str(png)]

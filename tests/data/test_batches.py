@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckptinit.data import load_calibration, samples_dir
 from ckptinit.data import calibration as calibration_module
+from ckptinit.data import load_calibration, samples_dir
 from ckptinit.data import transforms as transforms_module
 from ckptinit.data.batches import (
     SpoolBatches,

@@ -68,7 +68,7 @@ def test_folder_with_only_broken_images(model, tmp_path):
     with pytest.raises(DataError) as err:
         load_calibration(model, opts(data=str(tmp_path)))
     text = assert_one_line(err)
-    assert "No readable image" in text and "found 2" in text
+    assert "No usable image" in text and "found 2" in text
 
 
 def test_bad_options(model):

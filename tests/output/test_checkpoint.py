@@ -54,3 +54,26 @@ def test_same_input_same_bytes(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     assert safe_open(str(a), "pt").metadata()["key7"] == "value7"
     assert torch.equal(load_file(a)["0.weight"], model[0].weight)
+
+
+def test_a_float16_value_out_of_range_is_refused_not_written(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    originals = {k: v.detach().half() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight[0, 0] = 1e6  # finite in float32, Inf once written back as float16
+    with pytest.raises(OutputError, match=r"weight \(float16: 1 Inf\)"):
+        save_checkpoint(model, tmp_path / "m.safetensors", {}, originals=originals)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_equal_to_an_input_is_refused(tmp_path):
+    from ckptinit.errors import UsageError
+    from ckptinit.output.checkpoint import check_output
+
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(b"x")
+    (tmp_path / "link.safetensors").symlink_to(src)
+    for out in (src, tmp_path / "link.safetensors"):
+        with pytest.raises(UsageError, match="is the input"):
+            check_output(out, force=True, inputs=[src])
+    assert check_output(tmp_path / "new.safetensors", force=False, inputs=[src])

@@ -23,6 +23,12 @@ def test_local_dir(ck):
     _assert_values(new_head, _backbone(ck["sd"]))
 
 
+def test_local_dir_under_the_home_folder(ck, monkeypatch):
+    monkeypatch.setenv("HOME", str(ck["root"]))
+    lm = load_source("local-dir:~/folder")  # timm itself does not expand '~'
+    assert lm.path == str(ck["folder"]) and len(lm.loaded_keys) == len(ck["sd"])
+
+
 def test_local_dir_without_config(tmp_path):
     with pytest.raises(SourceError, match="config.json"):
         load_source(f"local-dir:{tmp_path}")

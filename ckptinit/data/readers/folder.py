@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import sys
+from importlib import resources
 from pathlib import Path
 
 from ...errors import DataError
@@ -19,17 +19,14 @@ SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "test", "dev
 
 
 def samples_dir() -> Path:
-    """Folder of the shipped sample photos: source tree / editable install, else data-files."""
-    package = Path(__file__).resolve().parents[2]  # the ckptinit folder
-    candidates = [
-        package.parent / "samples" / "images",  # repository checkout, `pip install -e`
-        package / "samples" / "images",  # if ever shipped as package data
-        Path(sys.prefix) / "share" / "ckptinit" / "samples" / "images",  # data-files install
-    ]
-    for folder in candidates:
-        if folder.is_dir():
-            return folder
-    return candidates[0]
+    """Folder of the shipped sample photos: package data of `ckptinit.data`, found through
+    importlib.resources, so that every kind of install (source tree, editable, wheel,
+    `pip install --user`) finds them where the package itself is."""
+    folder = resources.files("ckptinit.data") / "samples"
+    if not isinstance(folder, Path):  # a zip import: no folder on disk to read
+        raise DataError("The sample photos cannot be read from a zipped install; install "
+                        "ckptinit unzipped, or pass --data with an image folder.")
+    return folder
 
 
 def samples_source(options: CalibrationOptions) -> Source:
@@ -38,8 +35,7 @@ def samples_source(options: CalibrationOptions) -> Source:
     files = _list_images(folder) if folder.is_dir() else []
     if not files:
         raise DataError(f"The sample photos are missing (looked in '{folder}'); reinstall "
-                        "ckptinit with `pip install -e .` from its repository, or pass "
-                        "--data with an image folder.")
+                        "ckptinit, or pass --data with an image folder.")
     return folder_source(folder, files, options, kind="samples")
 
 

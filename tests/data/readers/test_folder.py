@@ -42,9 +42,9 @@ def test_samples_shipped_and_documented():
     files = sorted(folder.glob("*.jpg"))
     assert len(files) >= 12
     assert sum(f.stat().st_size for f in files) < 2_000_000
-    readme = (folder.parent / "README.md").read_text()
+    readme = (folder / "README.md").read_text()
     for f in files:
-        assert f"`{f.name}`" in readme, f"{f.name} has no licence entry in samples/README.md"
+        assert f"`{f.name}`" in readme, f"{f.name} has no licence entry in its README.md"
         with Image.open(f) as im:
             assert max(im.size) <= 512
 

@@ -1,8 +1,9 @@
 """Export the shipped calibration photos from scikit-image's bundled data (run once, by hand).
 
 scikit-image is not a dependency of ckptinit: it is only needed to re-create
-`samples/images/`. Usage: `pip install scikit-image && python samples/export_skimage.py`.
-Every photo chosen is public domain or CC0 (see samples/README.md); images whose
+`ckptinit/data/samples/`. Usage: `pip install scikit-image && python
+ckptinit/data/samples/export_skimage.py`.
+Every photo chosen is public domain or CC0 (see README.md beside this script); images whose
 licence is unstated (for example `stereo_motorcycle`, `moon`, `page`) are left out.
 """
 
@@ -35,7 +36,7 @@ QUALITY = 90
 def main() -> None:
     import skimage.data
 
-    out = Path(__file__).resolve().parent / "images"
+    out = Path(__file__).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     for stem, fn in PHOTOS.items():
         image = Image.fromarray(getattr(skimage.data, fn)())
