@@ -181,15 +181,16 @@ def section_lsuv(args, device) -> dict:
                 return time.perf_counter() - t
             return run
 
-        times = alternate({k: job(k) for k in ("within", "full", "lsuv")}, args.runs, device)
+        kinds = [k for k in ("within", "full") if k in args.lsuv_kinds] + ["lsuv"]
+        times = alternate({k: job(k) for k in kinds}, args.runs, device)
         med = {k: B.median(v) for k, v in times.items()}
         errors = {k: std_error(m, calib.holdout, device) for k, m in results.items()}
         errors["timm init"] = std_error(build(name).to(device), calib.holdout, device)
         row = dict(model=name, images=n, size=args.lsuv_size or "model's",
-                   holdout=calib.holdout.shape[0], runs=args.runs,
-                   within_s=med["within"], full_s=med["full"], lsuv_s=med["lsuv"],
-                   lsuv_over_within=med["lsuv"] / med["within"],
-                   lsuv_over_full=med["lsuv"] / med["full"], std_error=errors, all_s=times)
+                   holdout=calib.holdout.shape[0], runs=args.runs, lsuv_s=med["lsuv"],
+                   std_error=errors, all_s=times)
+        for k in kinds[:-1]:  # within_s, lsuv_over_within, full_s, lsuv_over_full
+            row[f"{k}_s"], row[f"lsuv_over_{k}"] = med[k], med["lsuv"] / med[k]
         out.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "all_s"}), flush=True)
         calib.close()
@@ -288,20 +289,24 @@ def markdown(result: dict) -> str:
         if "skipped" in sec["lsuv"]:
             lines += [f"lsuv comparison skipped: {sec['lsuv']['skipped']}", ""]
         else:
+            rows = sec["lsuv"]["rows"]
+            kinds = [k for k in ("within", "full") if rows and f"{k}_s" in rows[0]]
+            title = {"within": "within", "full": "full default"}
+            errs = [*kinds, "lsuv", "timm init"]
             lines += ["**Against `lsuv.lsuv_with_singlebatch`** on the same images (one batch); "
                       "std error = mean over units of mean over channels of |std - 1| on the "
                       "held-out images, eval mode (worst unit in brackets):", "",
-                      "| model | images | within | full default | lsuv | lsuv / within | "
-                      "lsuv / full | std error: within | full | lsuv | timm init |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
-            for r in sec["lsuv"]["rows"]:
+                      "| model | images | " + " | ".join(title[k] for k in kinds) + " | lsuv | "
+                      + " | ".join(f"lsuv / {k}" for k in kinds) + " | std error: "
+                      + " | ".join(errs) + " |",
+                      "|" + "---|" * (3 + 2 * len(kinds) + len(errs))]
+            for r in rows:
                 e = r["std_error"]
-                err = " | ".join(f"{e[k]['mean']:.3f} ({e[k]['max']:.2f})"
-                                 for k in ("within", "full", "lsuv", "timm init"))
+                err = " | ".join(f"{e[k]['mean']:.3f} ({e[k]['max']:.2f})" for k in errs)
+                cells = [f"{r[f'{k}_s']:.2f} s" for k in kinds] + [f"{r['lsuv_s']:.2f} s"]
+                cells += [f"**{r[f'lsuv_over_{k}']:.2f}x**" for k in kinds]
                 lines.append(f"| {r['model']} | {r['images']} @ {r['size']} px | "
-                             f"{r['within_s']:.2f} s | {r['full_s']:.2f} s | {r['lsuv_s']:.2f} s "
-                             f"| **{r['lsuv_over_within']:.1f}x** | **{r['lsuv_over_full']:.2f}x** "
-                             f"| {err} |")
+                             + " | ".join(cells) + f" | {err} |")
             lines += [_load_line(sec["lsuv"]), ""]
     if "memory" in sec and "rows" in sec["memory"]:
         mm = sec["memory"]
@@ -347,6 +352,7 @@ def main() -> None:
     ap.add_argument("--lsuv-models", default="resnet18,resnet50")
     ap.add_argument("--lsuv-images", type=int, default=32)
     ap.add_argument("--lsuv-size", type=int, default=128)
+    ap.add_argument("--lsuv-kinds", default="within,full", help="ckptinit jobs timed against lsuv")
     ap.add_argument("--memory-model", default="resnet18")
     ap.add_argument("--memory-images", default="256,1024,4096")
     ap.add_argument("--memory-size", type=int, default=128)
@@ -359,6 +365,7 @@ def main() -> None:
     args = ap.parse_args()
     args.forward_models = args.forward_models.split(",")
     args.lsuv_models = args.lsuv_models.split(",")
+    args.lsuv_kinds = args.lsuv_kinds.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.memory_images = [int(n) for n in args.memory_images.split(",")]
     args.memory_modes = args.memory_modes.split(",")
