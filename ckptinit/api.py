@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -14,7 +13,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import DeviceError, UsageError
+from .data.batches import BatchesLike, as_batches, first_images
+from .device import (
+    on_device,
+    peak_rss_bytes,
+    precision,
+    resolve_device,  # noqa: F401  (public here too: ckptinit.api.resolve_device)
+)
+from .errors import UsageError
 from .method.units import is_unit, scan_units
 from .method.within import normalize_within_
 from .options import (
@@ -30,29 +36,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-def resolve_device(device: str, model: nn.Module | None = None) -> torch.device:
-    """auto -> where `model` already is (a caller's model stays put), or, with no model,
-    cuda when available, else cpu; an unavailable device is a clear error."""
-    if device == "auto":
-        if model is not None:
-            return next(itertools.chain(model.parameters(), model.buffers()),
-                        torch.empty(0)).device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise UsageError(f"Unknown device '{device}'; use auto, cpu or cuda.") from e
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise DeviceError(f"--device {device} was asked for but no CUDA device is "
-                              "available here; use --device cpu (or auto).")
-        if resolved.index is not None and resolved.index >= count:
-            raise DeviceError(f"--device {device} was asked for but only {count} CUDA "
-                              f"device(s) exist; use cuda:0 to cuda:{count - 1}.")
-    return resolved
-
-
 def _load_seeded(source: str, options: SourceOptions | None, seed: int):
     """load_source with timm's fresh weights drawn from `seed`: timm draws them from the
     global CPU generator, which is seeded for the load and then given back as it was."""
@@ -63,11 +46,15 @@ def _load_seeded(source: str, options: SourceOptions | None, seed: int):
         return load_source(source, options or SourceOptions())
 
 
-def _batches(images: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
-    if images.dim() != 4 or images.shape[0] == 0:
+def _batches(images: BatchesLike, batch_size: int, device: torch.device):
+    """The calibration images as batches on `device`, streamed (never all on the device)."""
+    if isinstance(images, torch.Tensor) and (images.dim() != 4 or images.shape[0] == 0):
         raise UsageError(f"Calibration images must be a non-empty (N, C, H, W) tensor, got "
                          f"{tuple(images.shape)}.")
-    return [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
+    batches = as_batches(images, batch_size, device)
+    if not len(batches):
+        raise UsageError("Calibration images must hold at least one batch; got none.")
+    return batches
 
 
 def _new_report(command: str, options: RescaleOptions, scan) -> tuple[RunReport, dict]:
@@ -82,15 +69,17 @@ def _new_report(command: str, options: RescaleOptions, scan) -> tuple[RunReport,
 
 def rescale(
     model: nn.Module,
-    images: torch.Tensor,
+    images: BatchesLike,
     options: RescaleOptions | None = None,
     *,
     fresh: Iterable[str] | None = None,
-    holdout: torch.Tensor | None = None,
+    holdout: BatchesLike | None = None,
     progress: Progress | None = None,
 ) -> tuple[nn.Module, RunReport]:
     """Data-dependent initialisation of `model` in place; returns the model and the report.
 
+    `images` is an (N, C, H, W) tensor (batched by `options.batch_size`) or a re-iterable
+    stream of batches (`ckptinit.data.batches.Batches`, e.g. `CalibrationSet.batches()`).
     `fresh` names the units (module names) whose weights are new rather than loaded; None
     means every unit is fresh, as for a model just built. By default (DESIGN 1.3) fresh
     units get a Gaussian draw and the within-layer step, loaded units keep their weights.
@@ -99,12 +88,17 @@ def rescale(
     global random generators are not touched (every draw has its own seeded generator).
     """
     options = (options or RescaleOptions()).check()
-    device = resolve_device(options.device, model)
+    with on_device(model, options.device) as run:
+        report = _rescale(model, images, options, run.device, fresh, holdout, progress)
+        report.resources = run.resources()
+    return model, report
+
+
+def _rescale(model, images, options, device, fresh, holdout, progress) -> RunReport:
     note = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    model.to(device)
     batches = _batches(images, options.batch_size, device)
-    sample = _first(batches, 4)
+    sample = first_images(batches, 4)
     scan = scan_units(model, sample[:2])
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
     report, records = _new_report("rescale", options, scan)
@@ -149,8 +143,9 @@ def rescale(
     if options.between:
         holdout_batches = _batches(holdout, options.batch_size, device) if holdout is not None \
             and len(holdout) else batches
-        _between(model, scan, batches, holdout_batches, report, options, fresh_set, note,
-                 sample)
+        with precision(device, tf32=False):  # its function check compares outputs to 1e-4
+            _between(model, scan, batches, holdout_batches, report, options, fresh_set, note,
+                     sample)
     else:
         report.notes.append("between-layer step skipped")
     if scan.never_called:
@@ -158,7 +153,7 @@ def rescale(
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
     report.timings["total"] = time.perf_counter() - t0
     _undefined_to_none(report)
-    return model, report
+    return report
 
 
 def rescale_checkpoint(
@@ -188,15 +183,22 @@ def rescale_checkpoint(
     check_data(calib_options)
     device = resolve_device(options.device)
     step("loading model", 0, None)
+    t0 = time.perf_counter()
     loaded = _load_seeded(source, source_options, options.seed)
     loaded.model.to(device)
+    t1 = time.perf_counter()
     calib = load_calibration(
         loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
     )
-    model, report = rescale(
-        loaded.model, calib.images, options, fresh=fresh_units(loaded), holdout=calib.holdout,
-        progress=lambda msg: step(msg, 0, None),
-    )
+    t2 = time.perf_counter()
+    with calib:
+        model, report = rescale(
+            loaded.model, calib.batches(options.batch_size), options,
+            fresh=fresh_units(loaded), holdout=calib.holdout,
+            progress=lambda msg: step(msg, 0, None),
+        )
+        report.resources.update(spool_bytes=calib.spool.nbytes,
+                                spool_dtype=calib.spool.dtype.name)
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
@@ -205,6 +207,7 @@ def rescale_checkpoint(
     metadata = build_header(version=__version__, method=report.method,
                             options=report.options, seed=options.seed, loaded=loaded,
                             data=calib.info)
+    t3 = time.perf_counter()
     if is_folder_output(output):
         write_folder(output, model=model, metadata=metadata, report=report,
                      originals=loaded.original_tensors, license=publish.license,
@@ -212,6 +215,9 @@ def rescale_checkpoint(
     else:
         save_checkpoint(model, output, metadata, originals=loaded.original_tensors,
                         force=force)
+    report.timings.update(load=t1 - t0, data=t2 - t1, write=time.perf_counter() - t3,
+                          pipeline=time.perf_counter() - t0)
+    report.resources["peak_rss_bytes"] = peak_rss_bytes()
     return report
 
 
@@ -236,12 +242,6 @@ def describe_method(report: RunReport) -> str:
         parts.append(f"between(iters={report.between_iterations},damping={o['damping']},"
                      f"tol={o['tol']})")
     return "+".join(parts) or "none"
-
-
-def _first(batches, n: int) -> torch.Tensor:
-    """The first n images, for probing passes (a batch stream or a list of batches)."""
-    first = getattr(batches, "first", None)
-    return first(n) if callable(first) else next(iter(batches))[:n]
 
 
 def _share_branches(model, sample, report) -> None:
@@ -304,7 +304,7 @@ def _undefined_to_none(report: RunReport) -> None:
 
 def measure(
     model: nn.Module,
-    images: torch.Tensor,
+    images: BatchesLike,
     options: RescaleOptions | None = None,
     *,
     fresh: Iterable[str] | None = (),
@@ -313,19 +313,24 @@ def measure(
 
     Statistics are taken as the within-layer step would see them (BatchNorm on batch
     statistics, dropout off); the compensation column says what the between-layer step
-    could do with each unit.
+    could do with each unit. `images` as for `rescale`.
     """
+    options = (options or RescaleOptions()).check()
+    with on_device(model, options.device) as run:
+        report = _measure(model, images, options, run.device, fresh)
+        report.resources = run.resources()
+    return report
+
+
+def _measure(model, images, options, device, fresh) -> RunReport:
     from .method.moves import plan_moves
     from .method.rates import estimate_rates
     from .method.units import calibration_mode
     from .method.within import measure_outputs
 
-    options = (options or RescaleOptions()).check()
-    device = resolve_device(options.device, model)
     t0 = time.perf_counter()
-    model.to(device)
     batches = _batches(images, options.batch_size, device)
-    sample = _first(batches, 4)
+    sample = first_images(batches, 4)
     scan = scan_units(model, sample[:2])
     report, records = _new_report("measure", options, scan)
     with calibration_mode(model):
@@ -385,7 +390,9 @@ def measure_source(
     calib = load_calibration(loaded.model, calib_options or CalibrationOptions(),
                              progress=lambda d, t: step("reading images", d, t))
     step("measuring", 0, None)
-    report = measure(loaded.model, calib.images, options, fresh=fresh_units(loaded))
+    with calib:
+        report = measure(loaded.model, calib.batches(options.batch_size),
+                         options, fresh=fresh_units(loaded))
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)

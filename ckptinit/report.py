@@ -72,6 +72,9 @@ class RunReport:
     converged: bool | None = None
     function_check: FunctionCheck | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # device, peak_rss_bytes (process), and on CUDA device_name, peak_device_bytes (this run);
+    # from the CLI also spool_bytes/spool_dtype (the calibration images on disk)
+    resources: dict = field(default_factory=dict)
 
     def unit(self, name: str) -> UnitRecord:
         return next(u for u in self.units if u.name == name)

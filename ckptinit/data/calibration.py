@@ -1,12 +1,13 @@
-"""Calibration data: --data -> seeded, preprocessed image tensors (DESIGN 2).
+"""Calibration data: --data -> seeded, preprocessed images, streamed (DESIGN 2).
 
 Sources, tried in order: the shipped sample photos (`samples`), an existing local path
 (image folder, a folder of parquet/arrow/webdataset shards, a `save_to_disk` folder, or
 one such file), else a Hugging Face Hub dataset id, streamed (readers/). Distinct images
 are picked by a seeded shuffle; when there are too few, seeded random crops and flips fill
 the rest (transforms.py). Decoding and preprocessing run in a thread pool (decode.py; PIL
-releases the GIL) and the result does not depend on the number of workers. Library code:
-logs, never prints.
+releases the GIL), straight into an on-disk spool (spool.py) that the method's passes read
+back as batches (batches.py), so memory stays flat in --images; the result does not
+depend on the number of workers. Library code: logs, never prints.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,9 +27,11 @@ from .._helpers import count, jsonable, one_line
 from ..errors import DataError, UsageError
 from ..options import CalibrationOptions
 from ..output.metadata import data_fields
+from .batches import SpoolBatches
 from .decode import decode, imap_ordered
 from .readers import Candidate, Skip, Source, check_source, open_source
-from .transforms import Preprocess, resolve_data_config
+from .spool import ImageSpool
+from .transforms import PixelNormalizer, Preprocess, resolve_data_config
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +72,39 @@ class CalibrationInfo:
 
 @dataclass
 class CalibrationSet:
-    """Preprocessed calibration images, held-out images for checks, and their provenance."""
+    """Preprocessed calibration images (on disk, in a spool), held-out images for checks
+    (in memory: a small fixed count), and their provenance. Close it when done."""
 
-    images: torch.Tensor  # (N, C, H, W) float32 on the CPU
-    holdout: torch.Tensor  # (M, C, H, W); distinct from `images` where the data allows
-    info: CalibrationInfo
+    spool: ImageSpool  # the N calibration images as records, in their seeded order
+    normalizer: PixelNormalizer  # uint8 records -> the float32 images the model reads
+    holdout: torch.Tensor  # (M, C, H, W) float32 on the CPU; distinct from the images where
+    info: CalibrationInfo  # the data allows
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """Consecutive slices of `images` (views, no copies); the last one may be short."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        for start in range(0, self.images.shape[0], batch_size):
-            yield self.images[start : start + batch_size]
+    @property
+    def num_images(self) -> int:
+        return self.spool.count
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All calibration images as one (N, C, H, W) float32 CPU tensor. Memory grows with
+        N: for small sets and tests; the pipeline streams `batches()` instead."""
+        records = self.spool.read(0, self.spool.count)
+        x = torch.from_numpy(records)
+        return self.normalizer(x) if x.dtype == torch.uint8 else x
+
+    def batches(self, batch_size: int, device: torch.device | str = "cpu") -> SpoolBatches:
+        """The images as a re-iterable stream of batches on `device` (the last may be short)."""
+        return SpoolBatches(self.spool, batch_size, device, self.normalizer)
+
+    def close(self) -> None:
+        """Release the spool (its temporary file); `info` and `holdout` stay usable."""
+        self.spool.close()
+
+    def __enter__(self) -> CalibrationSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def load_calibration(
@@ -88,8 +114,10 @@ def load_calibration(
 ) -> CalibrationSet:
     """Read, select and preprocess `options.images` + `options.holdout` images for `model`.
 
-    Same options -> identical tensors, whatever the number of workers. Raises DataError
-    (one line) for every expected data failure, UsageError for bad option values.
+    Decoding runs in a thread pool and streams into the spool: memory does not grow with
+    `options.images`. Same options -> identical images, whatever the number of workers.
+    Raises DataError (one line) for every expected data failure, UsageError for bad
+    option values.
     """
     _validate(options)
     cfg = resolve_data_config(model, options)
@@ -102,48 +130,70 @@ def load_calibration(
              workers)
     report = progress or (lambda done, total: None)
     report(0, need)
+    spool = ImageSpool(options.images, prep.record_shape, prep.record_dtype)
+    try:
+        return _fill(spool, source, prep, cfg, options, workers, report)
+    except BaseException:
+        spool.close()
+        raise
 
-    distinct, skipped, tried = _read_distinct(source, prep, need, workers, report)
-    if not distinct:
-        raise DataError(_nothing_usable(source, tried, skipped))
 
+def _fill(spool: ImageSpool, source: Source, prep: Preprocess, cfg: dict,
+          options: CalibrationOptions, workers: int, report: ProgressFn) -> CalibrationSet:
     n_img, n_hold = options.images, options.holdout
-    calib = distinct[:n_img]
-    hold = distinct[n_img : n_img + n_hold]
+    need = n_img + n_hold
+    hold_records: list[np.ndarray] = []
+
+    def put(index: int, record: np.ndarray) -> None:
+        if index < n_img:
+            spool.write(index, record)
+        else:
+            hold_records.append(record)
+
+    read = _read_distinct(source, prep, need, workers, report, put, keep_heavy=n_img)
+    if not read.distinct:
+        raise DataError(_nothing_usable(source, read.tried, read.skipped))
+    distinct = len(read.distinct)
+    calib = read.distinct[:n_img]
+    hold = read.distinct[n_img : n_img + n_hold]
     calib_missing, hold_missing = n_img - len(calib), n_hold - len(hold)
-    hold_pool = hold or calib
     overlaps = hold_missing > 0 and not hold
-    done = len(distinct)
+    crops_of_calib = calib_missing > 0 or (hold_missing > 0 and not hold)
+    if crops_of_calib and any(c.payload is None for c in calib):
+        calib = _refetch(options, need, calib)
+    hold_pool = hold or calib
+    done = distinct
 
     def tick(k: int) -> None:
         nonlocal done
         done += k
         report(done, need)
 
-    calib_crops = _make_crops(calib, calib_missing, prep, options.seed, "calibration",
-                              workers, tick)
-    hold_crops = _make_crops(hold_pool, hold_missing, prep, options.seed, "holdout",
-                             workers, tick)
-
-    c, h, w = cfg["input_size"]
-    images = _stack([t for _, t in calib] + calib_crops, (c, h, w))
-    holdout = _stack([t for _, t in hold] + hold_crops, (c, h, w))
+    _make_crops(calib, calib_missing, prep, options.seed, "calibration", workers, tick,
+                lambda slot, record: spool.write(len(calib) + slot, record))
+    hold_crops: list[np.ndarray | None] = [None] * max(0, hold_missing)
+    _make_crops(hold_pool, hold_missing, prep, options.seed, "holdout", workers, tick,
+                hold_crops.__setitem__)
+    records = hold_records + [r for r in hold_crops if r is not None]
+    holdout = (prep.to_tensor(np.stack(records)) if records
+               else torch.empty((0, *prep.record_shape), dtype=torch.float32))
 
     notes = list(source.notes)
-    notes += _selection_notes(len(distinct), len(calib), calib_missing, len(hold),
+    notes += _selection_notes(distinct, len(calib), calib_missing, len(hold),
                               hold_missing, overlaps)
-    if skipped:
-        examples = "; ".join(f"{s.label}: {s.reason}" for s in skipped[:3])
-        notes.append(f"{count(len(skipped), 'undecodable image')} skipped (e.g. {examples})")
+    if read.skipped:
+        examples = "; ".join(f"{s.label}: {s.reason}" for s in read.skipped[:3])
+        notes.append(f"{count(len(read.skipped), 'undecodable image')} skipped "
+                     f"(e.g. {examples})")
     info = CalibrationInfo(
         source=options.data,
         kind=source.kind,
         resolved=source.resolved,
-        num_images=images.shape[0],
+        num_images=spool.count,
         num_holdout=holdout.shape[0],
-        distinct_sources=len(distinct),
+        distinct_sources=distinct,
         augmented=calib_missing + hold_missing,
-        skipped=len(skipped),
+        skipped=len(read.skipped),
         seed=options.seed,
         split=source.split,
         revision=source.revision,
@@ -157,7 +207,7 @@ def load_calibration(
     )
     for note in notes:
         log.info("Calibration data: %s", note)
-    return CalibrationSet(images=images, holdout=holdout, info=info)
+    return CalibrationSet(spool=spool, normalizer=prep.normalizer, holdout=holdout, info=info)
 
 
 def check_data(options: CalibrationOptions) -> None:
@@ -167,61 +217,92 @@ def check_data(options: CalibrationOptions) -> None:
     check_source(options.data)
 
 
-def _load_one(candidate: Candidate, prep: Preprocess) -> torch.Tensor | Skip:
+def _load_one(candidate: Candidate, prep: Preprocess) -> np.ndarray | Skip:
     try:
         image = decode(candidate.payload, prep.mode)
     except Exception as e:  # a broken image is data, not a bug: skip it and count it
         return Skip(candidate.label, f"{type(e).__name__}: {one_line(e, 200, tidy=False)}")
-    return prep.evaluate(image)
+    return prep.record(image)
+
+
+@dataclass
+class _Read:
+    distinct: list[Candidate]  # in order; payload None where it was too big to keep
+    skipped: list[Skip]
+    tried: int
 
 
 def _read_distinct(source: Source, prep: Preprocess, need: int, workers: int,
-                   report: ProgressFn) -> tuple[list[tuple[Candidate, torch.Tensor]],
-                                                list[Skip], int]:
-    """Decode candidates in order until `need` usable images; skips are counted in order."""
-    distinct: list[tuple[Candidate, torch.Tensor]] = []
-    skipped: list[Skip] = []
-    tried = 0
+                   report: ProgressFn, put: Callable[[int, np.ndarray], None],
+                   keep_heavy: int) -> _Read:
+    """Decode candidates in order until `need` usable images, handing each record to `put`
+    with its index; skips are counted in order. Of the first `keep_heavy` candidates only
+    cheap payloads (paths) are kept, for crops; in-memory ones (bytes) are dropped."""
+    read = _Read([], [], 0)
     results = imap_ordered(lambda c: _load_one(c, prep), source.candidates, workers)
     try:
         for candidate, result in results:
-            tried += 1
+            read.tried += 1
             if isinstance(result, Skip):
-                skipped.append(result)
-                level = logging.WARNING if len(skipped) <= 5 else logging.DEBUG
+                read.skipped.append(result)
+                level = logging.WARNING if len(read.skipped) <= 5 else logging.DEBUG
                 log.log(level, "Skipped undecodable image %s (%s)", result.label, result.reason)
                 continue
-            distinct.append((candidate, result))
-            report(len(distinct), need)
-            if len(distinct) == need:
+            index = len(read.distinct)
+            put(index, result)
+            if index < keep_heavy and not _cheap(candidate.payload):
+                candidate = Candidate(candidate.label, None)
+            read.distinct.append(candidate)
+            report(len(read.distinct), need)
+            if len(read.distinct) == need:
                 break
     finally:
         results.close()
-    return distinct, skipped, tried
+    return read
 
 
-def _make_crops(pool: list[tuple[Candidate, torch.Tensor]], count: int, prep: Preprocess,
-                seed: int, stream: str, workers: int, tick: Callable[[int], None]
-                ) -> list[torch.Tensor]:
-    """`count` seeded crops, slot j from pool[j % len(pool)]; one decode per source image."""
+def _cheap(payload: Any) -> bool:
+    if isinstance(payload, dict):
+        return not payload.get("bytes") and isinstance(payload.get("path"), (str, os.PathLike))
+    return isinstance(payload, (str, os.PathLike))
+
+
+def _refetch(options: CalibrationOptions, need: int, kept: list[Candidate]) -> list[Candidate]:
+    """The dropped payloads of `kept`, read again from a fresh, identically seeded source
+    (only when too few images exist and crops must be made of them)."""
+    wanted = {c.label for c in kept if c.payload is None}
+    found: dict[str, Candidate] = {}
+    for candidate in open_source(options, need).candidates:
+        if candidate.label in wanted:
+            found[candidate.label] = candidate
+            if len(found) == len(wanted):
+                break
+    if len(found) < len(wanted):
+        raise DataError("The calibration data changed while it was read (images seen the "
+                        "first time are gone); run again.")
+    return [found.get(c.label, c) if c.payload is None else c for c in kept]
+
+
+def _make_crops(pool: list[Candidate], count: int, prep: Preprocess, seed: int, stream: str,
+                workers: int, tick: Callable[[int], None],
+                put: Callable[[int, np.ndarray], None]) -> None:
+    """`count` seeded crops, slot j from pool[j % len(pool)], each handed to `put` as it is
+    made (in the workers); one decode per source image."""
     if count <= 0:
-        return []
+        return
     by_source: dict[int, list[int]] = {}
     for slot in range(count):
         by_source.setdefault(slot % len(pool), []).append(slot)
 
-    def job(item: tuple[int, list[int]]) -> list[torch.Tensor]:
+    def job(item: tuple[int, list[int]]) -> int:
         index, slots = item
-        image = decode(pool[index][0].payload, prep.mode)  # decoded fine the first time
-        return [prep.crop(image, random.Random(f"ckptinit:{seed}:{stream}:{slot}"))
-                for slot in slots]
+        image = decode(pool[index].payload, prep.mode)  # decoded fine the first time
+        for slot in slots:
+            put(slot, prep.crop_record(image, random.Random(f"ckptinit:{seed}:{stream}:{slot}")))
+        return len(slots)
 
-    out: list[torch.Tensor | None] = [None] * count
-    for (_, slots), tensors in imap_ordered(job, sorted(by_source.items()), workers):
-        for slot, tensor in zip(slots, tensors, strict=True):
-            out[slot] = tensor
-        tick(len(slots))
-    return [t for t in out if t is not None]
+    for _, made in imap_ordered(job, sorted(by_source.items()), workers):
+        tick(made)
 
 
 def _validate(options: CalibrationOptions) -> None:
@@ -240,12 +321,6 @@ def _validate(options: CalibrationOptions) -> None:
 def _worker_count(options: CalibrationOptions, need: int) -> int:
     workers = options.workers if options.workers is not None else min(8, os.cpu_count() or 1)
     return max(0, min(workers, need))
-
-
-def _stack(tensors: list[torch.Tensor], shape: tuple[int, int, int]) -> torch.Tensor:
-    if not tensors:
-        return torch.empty((0, *shape), dtype=torch.float32)
-    return torch.stack(tensors).contiguous()
 
 
 def _selection_notes(distinct: int, calib: int, calib_missing: int, hold: int,

@@ -1,5 +1,10 @@
 """Preprocessing: the model's timm eval transform with the user's overrides, and the seeded
-random crops and flips that fill in when there are fewer images than asked for."""
+random crops and flips that fill in when there are fewer images than asked for.
+
+Images are kept as *records* (what the spool stores): the uint8 pixels the transform has
+before ToTensor/Normalize when its steps before them are PIL resizes and crops (exact:
+`PixelNormalizer` repeats ToTensor + Normalize bit for bit), else the float32 tensor.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import math
 import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +23,8 @@ from ..options import CalibrationOptions
 CROP_SCALE = (0.35, 1.0)  # area fraction of the random crops that fill in for missing images
 CROP_RATIO = (3 / 4, 4 / 3)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# PIL -> PIL steps of timm's eval transforms: their output is uint8 pixels, stored exactly
+PIXEL_STEPS = ("Resize", "CenterCrop", "ResizeKeepRatio", "CenterCropOrPad")
 
 
 def resolve_data_config(model: nn.Module, options: CalibrationOptions) -> dict:
@@ -103,24 +111,98 @@ class Preprocess:
                     "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
                     "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
         self.resample = resample[cfg["interpolation"]]
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(-1, 1, 1)
+        self.normalizer = PixelNormalizer(cfg["mean"], cfg["std"])
+        self.pixel_steps = _pixel_steps(self.eval_transform, self.normalizer)
+        self.record_shape = (int(channels), int(height), int(width))
+        self.record_dtype = np.dtype(np.uint8 if self.pixel_steps is not None else np.float32)
 
     def evaluate(self, image: Any) -> torch.Tensor:
         return self.eval_transform(image).to(torch.float32).contiguous()
 
+    def record(self, image: Any) -> np.ndarray:
+        """The eval view as a record: uint8 pixels when exact, else the float32 tensor."""
+        if self.pixel_steps is None:
+            return self.evaluate(image).numpy()
+        for step in self.pixel_steps:
+            image = step(image)
+        return self._pixels(image)
+
+    def crop_record(self, image: Any, rng: random.Random) -> np.ndarray:
+        """A seeded random crop (see `crop`) as a record."""
+        pixels = self._pixels(self._crop_image(image, rng))
+        if self.pixel_steps is None:
+            return self.normalizer(torch.from_numpy(pixels)).numpy()
+        return pixels
+
     def crop(self, image: Any, rng: random.Random) -> torch.Tensor:
         """RandomResizedCrop(scale=CROP_SCALE) + horizontal flip, drawn from `rng` only."""
-        import numpy as np
+        return self.normalizer(torch.from_numpy(self._pixels(self._crop_image(image, rng))))
+
+    def to_tensor(self, records: np.ndarray) -> torch.Tensor:
+        """Records (N, C, H, W) -> the float32 images the model reads (CPU)."""
+        x = torch.from_numpy(records)
+        return self.normalizer(x) if x.dtype == torch.uint8 else x.clone()
+
+    def _crop_image(self, image: Any, rng: random.Random) -> Any:
         from PIL import Image
 
         box = _crop_box(image.size, rng)
         out = image.resize(self.size, self.resample, box=box)
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = np.asarray(out, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1))
-        return ((tensor.permute(2, 0, 1) - self.mean) / self.std).contiguous()
+        return out
+
+    def _pixels(self, image: Any) -> np.ndarray:
+        """A PIL image in this mode and size -> (C, H, W) uint8."""
+        if image.mode != self.mode or image.size != self.size:
+            raise ValueError(f"preprocessed image is {image.mode} {image.size}, expected "
+                             f"{self.mode} {self.size}")
+        array = np.asarray(image, dtype=np.uint8)
+        out = np.ascontiguousarray(array.reshape(array.shape[0], array.shape[1], -1)
+                                   .transpose(2, 0, 1))
+        return out if out.flags.writeable else out.copy()  # PIL's own buffer is read-only
+
+
+class PixelNormalizer:
+    """uint8 pixels -> (x / 255 - mean) / std in float32, on the pixels' device.
+
+    The same operations in the same order as torchvision's ToTensor + Normalize, so the
+    same bits on the CPU. 255 is a tensor on the pixels' device: CUDA turns a division by
+    a Python number into a multiplication by its reciprocal, which can differ in the last
+    bit. The constants are made once per device (no host transfer per batch).
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"PixelNormalizer takes uint8 pixels, got {pixels.dtype}")
+        device = pixels.device
+        if device not in self._constants:
+            self._constants[device] = tuple(
+                t.to(device) for t in (torch.tensor(255.0), self.mean, self.std))
+        scale, mean, std = self._constants[device]
+        return pixels.to(torch.float32).div_(scale).sub_(mean).div_(std)
+
+
+def _pixel_steps(transform: Any, normalizer: PixelNormalizer) -> list | None:
+    """The PIL steps before ToTensor + Normalize(mean, std), or None when the transform is
+    not of that form (its output is then stored as float32)."""
+    steps = list(getattr(transform, "transforms", [transform]))
+    names = [type(s).__name__ for s in steps]
+    if len(steps) < 2 or names[-2] not in ("ToTensor", "MaybeToTensor") \
+            or names[-1] != "Normalize" or any(n not in PIXEL_STEPS for n in names[:-2]):
+        return None
+    norm = steps[-1]
+    mean = torch.as_tensor(norm.mean, dtype=torch.float32).flatten()
+    std = torch.as_tensor(norm.std, dtype=torch.float32).flatten()
+    if not (torch.equal(mean, normalizer.mean.flatten())
+            and torch.equal(std, normalizer.std.flatten())):
+        return None
+    return steps[:-2]
 
 
 def _crop_box(size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:

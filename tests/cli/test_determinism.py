@@ -11,8 +11,10 @@ from tests.cli.helpers import ARCH, TINY, invoke
 
 
 def _without_timings(text: str) -> dict:
+    """The report less what measures the run rather than the result (times, peak memory)."""
     data = json.loads(text)
     data.pop("timings")
+    assert data.pop("resources")["device"] == "cpu"
     return data
 
 
