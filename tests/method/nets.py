@@ -27,6 +27,8 @@ def pretend_trained(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("gamma"):  # LayerScale / ConvNeXt gamma
                 p.copy_(0.1 + 0.1 * torch.rand(p.shape, generator=g))
+            if name in ("cls_token", "pos_embed", "reg_token"):  # timm starts them near 0
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
         for m in units(model).values():
             m.weight.mul_(float(torch.empty(()).uniform_(-1, 1, generator=g).exp()))
     return model.eval()

@@ -12,7 +12,7 @@ from torch import nn
 
 from ckptinit.method.moves import apply_scales_, plan_moves
 from ckptinit.method.units import scan_units
-from tests.method.nets import PlainNet, outputs, rel_change
+from tests.method.nets import PlainNet, outputs, pretend_trained, rel_change
 
 
 def _exact(model: nn.Module) -> nn.Module:
@@ -59,7 +59,7 @@ def test_plain_chain_moves_keep_the_product_of_scales():
 
 
 def test_vit_q_k_v_are_slices_and_the_head_moves_through_the_final_norm():
-    model = timm.create_model("test_vit", pretrained=False, img_size=32)
+    model = pretend_trained(timm.create_model("test_vit", pretrained=False, img_size=32))
     x = torch.randn(2, 3, 32, 32)
     plan = plan_moves(model, scan_units(model, x).units, x, fresh=set())
     qkv = [u.name for u in plan.units if u.name.endswith("attn.qkv")]
