@@ -283,6 +283,11 @@ def fmt(v, spec=".3g"):
     return "n/a" if v is None else format(v, spec)
 
 
+def per_run(num: list[float], den: list[float]) -> str:
+    """Each alternated run's own ratio: the spread says how much the shared load moved."""
+    return " / ".join(f"{a / b:.2f}" for a, b in zip(num, den))
+
+
 def render(data: dict) -> str:
     lines = ["# Method cost and multi-batch exactness (issue 9)", "",
              "Written by `benchmarks/method_cost.py`; every figure measured in one process on "
@@ -299,7 +304,7 @@ def render(data: dict) -> str:
                   "| model | units (with bias) | max \\|std-1\\| (BN batch stats) | max "
                   "\\|mean-β\\| all / with bias | eval mode: max \\|std-1\\| / \\|mean-β\\| with "
                   "bias | passes | last correction | report 'outside tolerance' | forward s | "
-                  "within s | ratio (≤ 4.5) |", "|---" * 11 + "|"]
+                  "within s | ratio (≤ 4.5) | per-run ratios |", "|---" * 12 + "|"]
         for name, r in a["models"].items():
             c, e = r["calibration_mode"], r["eval_mode"]
             lines.append(
@@ -311,7 +316,8 @@ def render(data: dict) -> str:
                 f"{'/'.join(map(str, r['within_passes']))} | "
                 f"{fmt(r['within_correction'][-1])} | "
                 f"{len(r['report_outside_tolerance'])} | {fmt(r['forward_median_s'], '.1f')} | "
-                f"{fmt(r['within_median_s'], '.1f')} | {fmt(r['ratio'], '.2f')} |")
+                f"{fmt(r['within_median_s'], '.1f')} | {fmt(r['ratio'], '.2f')} | "
+                f"{per_run(r['within_s'], r['forward_s'])} |")
         lines.append("")
         for name, r in a["models"].items():
             c = r["calibration_mode"]
@@ -329,14 +335,15 @@ def render(data: dict) -> str:
                   f"Command: `{b['command']}`  ", f"Load average at start / end: "
                   f"{b['load_start']} / {b['load_end']}; wall {b['wall_s']:.0f} s", "",
                   "| model | images (holdout) | batch | fwd+bwd s | full run s | ratio (≤ 10) "
-                  "| within / between s (last run) | between iterations | converged | spread "
-                  "before → after | met |", "|---" * 11 + "|"]
+                  "| per-run ratios | within / between s (last run) | between iterations | "
+                  "converged | spread before → after | met |", "|---" * 12 + "|"]
         for name, r in b["models"].items():
             tl = r["timings_last_run"]
             lines.append(
                 f"| {name} | {r['images']} ({r['holdout']}) | {r['batch_size']} | "
                 f"{fmt(r['fwd_bwd_median_s'], '.1f')} | {fmt(r['full_median_s'], '.1f')} | "
-                f"{fmt(r['ratio'], '.2f')} | {fmt(tl.get('within'), '.1f')} / "
+                f"{fmt(r['ratio'], '.2f')} | {per_run(r['full_s'], r['fwd_bwd_s'])} | "
+                f"{fmt(tl.get('within'), '.1f')} / "
                 f"{fmt(tl.get('between'), '.1f')} | "
                 f"{'/'.join(map(str, r['between_iterations']))} | "
                 f"{'/'.join(map(str, r['converged']))} | {fmt(r['rate_spread_before'])} → "
@@ -379,7 +386,7 @@ def main() -> None:
                          wall_s=time.perf_counter() - t0, models=models)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=2) + "\n")
-        out.with_suffix(".md").write_text(render(data))
+    out.with_suffix(".md").write_text(render(data))  # --sections none: re-render only
     print(out.with_suffix(".md").read_text())
 
 
