@@ -185,6 +185,7 @@ CKPT_INITS = {
     "ckpt_default": dict(),
     "ckpt_kmeans": dict(weights="kmeans"),
     "ckpt_adam": dict(optimizer="adam"),
+    "ckpt_timm_residual": dict(residual_init="timm"),
 }
 CNN_INITS = ["default", "normal001", "kaiming", "lsuv", "ckpt_within", "ckpt_default",
              "ckpt_kmeans"]
@@ -193,6 +194,7 @@ INIT_LABELS = {
     "default": "framework default", "normal001": "N(0, 0.01)", "kaiming": "Kaiming (fan_in)",
     "lsuv": "LSUV", "ckpt_within": "ckptinit within", "ckpt_default": "ckptinit within+between",
     "ckpt_kmeans": "ckptinit kmeans+within+between", "ckpt_adam": "ckptinit --optimizer adam",
+    "ckpt_timm_residual": "ckptinit --residual-init timm",
 }
 try:
     from _candidates import LABELS as _CANDIDATE_LABELS

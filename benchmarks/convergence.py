@@ -279,6 +279,7 @@ def main() -> None:
     ap.add_argument("--nets", help="comma-separated subset of vgg11,vgg19,resnet18,vit")
     ap.add_argument("--inits", help="comma-separated subset of the inits")
     ap.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    ap.add_argument("--lrs", help="comma-separated learning rates for every net")
     ap.add_argument("--epochs", type=int, help="override every net's epochs")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--results-dir", help="where convergence.json/.png go (default "
@@ -303,9 +304,12 @@ def main() -> None:
     if args.nets:
         cfg["nets"] = {n: cfg["nets"][n] for n in args.nets.split(",")}
     if args.inits:
-        keep = args.inits.split(",")
+        keep = args.inits.split(",")  # any init _digits knows, in this order
         for nc in cfg["nets"].values():
-            nc["inits"] = [i for i in nc["inits"] if i in keep]
+            nc["inits"] = list(keep)
+    if args.lrs:
+        for nc in cfg["nets"].values():
+            nc["lrs"] = [float(v) for v in args.lrs.split(",")]
     if args.seeds:
         cfg["seeds"] = list(range(args.seeds))
     if args.epochs:
