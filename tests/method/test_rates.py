@@ -31,10 +31,10 @@ def test_fused_qkv_gets_one_rate_per_slice_that_matches_an_independent_estimate(
         depth=2))
     x = smooth_images(8, 32)
     units = scan_units(model, x[:2]).units
-    est = estimate_rates(model, units, [x], draws=64, seed=0,
+    est = estimate_rates(model, units, [x], draws=24, seed=0,
                          slices={"blocks.0.attn.qkv": 3})
     q, k, v = est.slice_rates("blocks.0.attn.qkv")
-    ref = rates(model, x, draws=64)  # Gaussian g, its own code
+    ref = rates(model, x, draws=24)  # Gaussian g, its own code
     for name, got in (("q", q), ("k", k), ("v", v)):
         want = ref[f"blocks.0.attn.qkv[{name}]"]
         assert abs(got / want - 1) < 0.25, (name, got, want)
