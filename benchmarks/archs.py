@@ -13,8 +13,9 @@ seed), eval mode for the output scale. timm's own init is measured the same way.
     .venv/bin/python benchmarks/archs.py --table benchmarks/results/archs.json
 
 Trained-like weights: timm's init with random BatchNorm/LayerNorm affines and running
-statistics, LayerScale gammas in [0.1, 0.2], and every unit's weight scaled by a random
-factor in [0.3, 3] (as trained nets drift apart), saved as a safetensors file.
+statistics, LayerScale gammas in [0.1, 0.2], cls/position tokens N(0, 0.5) (timm starts
+them near zero), and every unit's weight scaled by a random factor in [0.3, 3] (as trained
+nets drift apart), saved as a safetensors file.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ def trained_like(model: nn.Module, seed: int) -> nn.Module:
         for n, p in model.named_parameters():
             if n.endswith("gamma"):
                 p.copy_(0.1 + 0.1 * torch.rand(p.shape, generator=g))
+            if n in ("cls_token", "pos_embed", "reg_token"):  # timm starts them near 0
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
         for m in units_of(model).values():
             m.weight.mul_(float(torch.empty(()).uniform_(math.log(0.3), math.log(3),
                                                          generator=g).exp()))

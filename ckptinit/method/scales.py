@@ -321,8 +321,8 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
                 uf.union(vs[0], v)
             give(outs, [vs[0]])
             return
-        if name in MULTIPLY and ins:
-            ov = uf.new()
+        if (name in MULTIPLY and ins) or (name in PRODUCT and len(ins) in (1, 2)):
+            ov = uf.new()  # log-scale of a product: the sum of its factors'
             row = {ov: 1.0}
             for v in (one(v) for v in ins):
                 row[v] = row.get(v, 0.0) - 1.0
@@ -336,14 +336,6 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
             row[vs[0]] = row.get(vs[0], 0.0) - 1.0
             if len(vs) > 1:
                 row[vs[1]] = row.get(vs[1], 0.0) + 1.0
-            rows.append(row)
-            give(outs, [ov])
-            return
-        if name in PRODUCT and len(ins) in (1, 2):
-            ov = uf.new()
-            row = {ov: 1.0}
-            for v in (one(v) for v in ins):
-                row[v] = row.get(v, 0.0) - 1.0
             rows.append(row)
             give(outs, [ov])
             return
