@@ -90,8 +90,20 @@ def plan_moves(
             graph = trace_scales(model, sample, modules, relax=relax, free=pinned_units)
             basis = _relax_where_needed(graph, units)
             approximate |= pinned_units
+    # a fresh net has no function to keep: a norm's eps may then take a share up to the
+    # statistics' tolerance (a ViT's near-zero cls token would otherwise freeze its stream)
+    all_fresh = bool(units) and all(u.name in fresh for u in units)
+    eps_exact = not (all_fresh and any(site.kind != "batch_norm" for site in graph.norms))
+    norms = norm_bounds(graph, EPS_BUDGET if eps_exact else FRESH_EPS_BUDGET,
+                        FRESH_EPS_BUDGET if all_fresh else BN_EPS_BUDGET)
+    narrow = [b for b in norms if b.hi - b.lo < FREEZE]
+    for box in narrow:  # next to no room: the norm's input scale is held fixed
+        for v in box.coef:
+            graph.pin_(v, "a norm's eps (its input variance is near eps)")
+    if narrow:
+        basis = null_space(graph)
     slices = {u.name: graph.unit_slices(u.name) for u in units}
-    plan = Plan(graph, basis, units, slices)
+    plan = Plan(graph, basis, units, slices, all_fresh=all_fresh, eps_exact=eps_exact)
     for key in plan.keys:
         if float(basis[plan.var(key)].abs().max()) < MOVABLE:
             plan.pinned[key] = _pin_reason(graph, key[0])
@@ -102,22 +114,7 @@ def plan_moves(
     plan.renormalise = [u.name for u in units if graph.unit_in.get(u.name) in graph.relaxed]
     plan.approximate = approximate | set(plan.renormalise) | {
         u.name for u in units if graph.unit_out.get(u.name) in graph.relaxed}
-    # a fresh net has no function to keep: a norm's eps may then take a share up to the
-    # statistics' tolerance (a ViT's near-zero cls token would otherwise freeze its stream)
-    plan.all_fresh = bool(units) and all(u.name in fresh for u in units)
-    plan.eps_exact = not (plan.all_fresh
-                          and any(site.kind != "batch_norm" for site in graph.norms))
-    norms = norm_bounds(graph, EPS_BUDGET if plan.eps_exact else FRESH_EPS_BUDGET,
-                        FRESH_EPS_BUDGET if plan.all_fresh else BN_EPS_BUDGET)
-    frozen = [v for box in norms if box.hi - box.lo < FREEZE for v in box.coef]
-    if frozen:  # a norm whose eps leaves next to no room: its input scale is held fixed
-        keep = torch.linalg.svd(basis[frozen], full_matrices=True)[2]
-        rank = int((torch.linalg.svdvals(basis[frozen]) > 1e-10).sum())
-        plan.basis = basis = basis @ keep[rank:].T
-        for key in plan.keys:
-            if key not in plan.pinned and float(basis[plan.var(key)].abs().max()) < MOVABLE:
-                plan.pinned[key] = "a norm's eps leaves its scale no room"
-    plan.boxes = [b for b in norms if b.hi - b.lo >= FREEZE] + scale_bounds(graph, basis)
+    plan.boxes = [b for b in norms if b not in narrow] + scale_bounds(graph, basis)
     plan.compensation = _compensations(model, plan)
     return plan
 
