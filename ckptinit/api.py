@@ -140,14 +140,16 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
         report.timings["within"] = time.perf_counter() - t
     else:
         report.notes.append("within-layer step skipped")
+    holdout_batches = _batches(holdout, options.batch_size, device) if holdout is not None \
+        and len(holdout) else batches
     if options.between:
-        holdout_batches = _batches(holdout, options.batch_size, device) if holdout is not None \
-            and len(holdout) else batches
         with precision(device, tf32=False):  # its function check compares outputs to 1e-4
             _between(model, scan, batches, holdout_batches, report, options, fresh_set, note,
                      sample)
     else:
         report.notes.append("between-layer step skipped")
+    _check_output_scale(model, holdout_batches, report, drawn=bool(targets) and any(
+        d != "keep" for d in draws.values()))
     if scan.never_called:
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
@@ -286,6 +288,36 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
            if result.batchnorms_reestimated else "")
     )
     report.timings["between"] = time.perf_counter() - t
+
+
+OUTPUT_STD_RANGE = (0.5, 2.0)  # a fresh net's output scale that starts training well
+
+
+def _check_output_scale(model, holdout, report: RunReport, drawn: bool) -> None:
+    """The model output's std on the held-out images in eval mode (running BatchNorm
+    statistics, as the checkpoint will be used): measured outside the steps, on images they
+    never fitted, so a scale that does not carry over is said, not hidden."""
+    from .method.rates import output_tensors
+
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ys = [torch.cat([t.detach().flatten(1).double() for t in output_tensors(model(x))],
+                            1) for x in holdout]
+    finally:
+        for m, t in was.items():
+            m.train(t)
+    y = torch.cat(ys)
+    report.output_std = float(y.std()) if y.numel() > 1 else None
+    lo, hi = OUTPUT_STD_RANGE
+    if drawn and report.output_std is not None and not lo <= report.output_std <= hi:
+        msg = (f"the model's output std on {y.shape[0]} held-out images (eval mode) is "
+               f"{report.output_std:.3g}, outside [{lo:g}, {hi:g}]: the statistics fitted on "
+               "the calibration images do not carry over to other images; more, and more "
+               "varied, calibration images (--images, --data) usually fix it")
+        log.warning(msg[0].upper() + msg[1:] + ".")
+        report.notes.append("output scale: " + msg)
 
 
 def _g(value: float | None) -> str:

@@ -71,6 +71,7 @@ class RunReport:
     between_iterations: int = 0
     converged: bool | None = None
     function_check: FunctionCheck | None = None
+    output_std: float | None = None  # the output's std on held-out images, eval mode
     timings: dict[str, float] = field(default_factory=dict)
     # device, peak_rss_bytes (process), and on CUDA device_name, peak_device_bytes (this run);
     # from the CLI also spool_bytes/spool_dtype (the calibration images on disk)

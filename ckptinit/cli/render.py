@@ -216,6 +216,8 @@ def summary_line(report: RunReport) -> str:
                    else "not enforced: units moved freely")
         parts.append(f"change of the {getattr(fc, 'scope', 'outputs')} on {fc.images} "
                      f"held-out images {fc.rel_change:.1e} ({verdict})")
+    if report.output_std is not None and report.command == "rescale":
+        parts.append(f"output std on held-out images {report.output_std:.3g}")
     return "; ".join(parts)
 
 

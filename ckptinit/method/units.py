@@ -6,15 +6,23 @@ import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
 UNIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# a unit's output through these (and view-like ops or a constant shift) is a gate's logit when
+# the result then multiplies a larger tensor: squeeze-excite, ECA, CBAM, GC blocks
+_GATE_OPS = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "relu6",
+                       "hardtanh", "hardtanh_", "clamp", "clip"})
+_VIEW_OPS = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
+                       "expand_as", "contiguous", "to", "float", "permute", "transpose"})
+_SHIFT_OPS = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "div", "__truediv__"})
 
 
 @dataclass
@@ -47,6 +55,7 @@ class UnitScan:
     units: list[Unit]  # called units, in execution order
     never_called: list[str]  # units defined but not called (e.g. an unused head)
     batchnorm_order: dict[str, int]  # BN module name -> position among all leaf calls
+    gates: set[str] = field(default_factory=set)  # units whose output is a gate's logit
 
 
 @contextmanager
@@ -126,13 +135,65 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
         handles.append(m.register_forward_pre_hook(unit_hook(name)))
     for name, m in bns.items():
         handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    with removing(handles), torch.no_grad(), calibration_mode(model):
+    gates = _GateFinder()
+    for name, m in candidates.items():
+        handles.append(m.register_forward_hook(gates.unit_hook(name)))
+    with removing(handles), torch.no_grad(), calibration_mode(model), gates:
         model(sample)
     units = sorted(seen.values(), key=lambda u: u.order)
     never = [n for n in candidates if n not in seen]
     if never:
         log.info("%d units are never called in the forward pass: %s", len(never), never[:5])
-    return UnitScan(units=units, never_called=never, batchnorm_order=bn_order)
+    return UnitScan(units=units, never_called=never, batchnorm_order=bn_order,
+                    gates=gates.found)
+
+
+class _GateFinder(TorchFunctionMode):
+    """Follows unit outputs through one pass: a unit whose output goes through a sigmoid-like
+    op (after view-like ops or a constant shift) into a product that broadcasts it over a
+    larger tensor is a gate's logit (squeeze-excite, ECA, CBAM; not a GLU, whose gate has
+    the features' own shape). Tensors are tracked by identity while the pass holds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: dict[int, tuple[torch.Tensor, str]] = {}
+        self.gated: dict[int, tuple[torch.Tensor, tuple[str, int]]] = {}  # unit, gate numel
+        self.found: set[str] = set()
+
+    def unit_hook(self, name: str):
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor):
+                self.logits[id(out)] = (out, name)
+
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not tensors or not isinstance(out, torch.Tensor):
+            return out
+        passes = name in _VIEW_OPS or (name in _SHIFT_OPS and len(tensors) == 1)
+        unit = self._get(self.logits, tensors[0])
+        if unit is not None and name in _GATE_OPS:
+            self.gated[id(out)] = (out, (unit, out.numel()))
+        elif unit is not None and passes:
+            self.logits[id(out)] = (out, unit)
+        gate = self._get(self.gated, tensors[0])
+        if gate is not None and passes:
+            self.gated[id(out)] = (out, gate)
+        if name in ("mul", "__mul__", "__rmul__", "mul_") and len(tensors) == 2:
+            a, b = (self._get(self.gated, t) for t in tensors)
+            if (a is None) != (b is None):  # a gate times the features it gates
+                unit, numel = a or b
+                if numel < max(t.numel() for t in tensors):
+                    self.found.add(unit)
+        return out
+
+    @staticmethod
+    def _get(table: dict, t: torch.Tensor):
+        hit = table.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else None
 
 
 def channel_shape(z: torch.Tensor, module: nn.Module) -> tuple[int, ...]:
