@@ -186,6 +186,8 @@ CKPT_INITS = {
     "ckpt_kmeans": dict(weights="kmeans"),
     "ckpt_adam": dict(optimizer="adam"),
     "ckpt_timm_residual": dict(residual_init="timm"),
+    "ckpt_head05": dict(head_std=0.5),  # candidates for the --head-std default
+    "ckpt_head025": dict(head_std=0.25),
 }
 CNN_INITS = ["default", "normal001", "kaiming", "lsuv", "ckpt_within", "ckpt_default",
              "ckpt_kmeans"]
@@ -195,6 +197,7 @@ INIT_LABELS = {
     "lsuv": "LSUV", "ckpt_within": "ckptinit within", "ckpt_default": "ckptinit within+between",
     "ckpt_kmeans": "ckptinit kmeans+within+between", "ckpt_adam": "ckptinit --optimizer adam",
     "ckpt_timm_residual": "ckptinit --residual-init timm",
+    "ckpt_head05": "ckptinit --head-std 0.5", "ckpt_head025": "ckptinit --head-std 0.25",
 }
 try:
     from _candidates import LABELS as _CANDIDATE_LABELS

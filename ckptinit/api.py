@@ -127,6 +127,7 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
 
         result = normalize_within_(
             model, scan, batches, records, targets=targets, draws=draws, beta=options.beta,
+            head_std=options.head_std,
             draw_fn=draw_fn, tol=options.tol,
         )
         report.within_passes = result.passes
@@ -148,8 +149,8 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
                      sample)
     else:
         report.notes.append("between-layer step skipped")
-    _check_output_scale(model, holdout_batches, report, drawn=bool(targets) and any(
-        d != "keep" for d in draws.values()))
+    _check_output_scale(model, holdout_batches, report, options.head_std,
+                        drawn=bool(targets) and any(d != "keep" for d in draws.values()))
     if scan.never_called:
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
@@ -290,10 +291,11 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
     report.timings["between"] = time.perf_counter() - t
 
 
-OUTPUT_STD_RANGE = (0.5, 2.0)  # a fresh net's output scale that starts training well
+OUTPUT_STD_RANGE = (0.5, 2.0)  # x --head-std: the output scale carried over to other images
 
 
-def _check_output_scale(model, holdout, report: RunReport, drawn: bool) -> None:
+def _check_output_scale(model, holdout, report: RunReport, head_std: float, drawn: bool
+                        ) -> None:
     """The model output's std on the held-out images in eval mode (running BatchNorm
     statistics, as the checkpoint will be used): measured outside the steps, on images they
     never fitted, so a scale that does not carry over is said, not hidden."""
@@ -310,7 +312,7 @@ def _check_output_scale(model, holdout, report: RunReport, drawn: bool) -> None:
             m.train(t)
     y = torch.cat(ys)
     report.output_std = float(y.std()) if y.numel() > 1 else None
-    lo, hi = OUTPUT_STD_RANGE
+    lo, hi = (head_std * r for r in OUTPUT_STD_RANGE)
     if drawn and report.output_std is not None and not lo <= report.output_std <= hi:
         msg = (f"the model's output std on {y.shape[0]} held-out images (eval mode) is "
                f"{report.output_std:.3g}, outside [{lo:g}, {hi:g}]: the statistics fitted on "

@@ -19,6 +19,7 @@ class RescaleOptions:
     between: bool = True
     weights: str | None = None  # None: gaussian for fresh units, keep for loaded ones
     beta: float = 0.1
+    head_std: float = 1.0  # std of the model's outputs (the head's units) after the within step
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
@@ -45,6 +46,8 @@ class RescaleOptions:
                              "combined with --no-within.")
         if not 0 < self.damping <= 1:
             raise UsageError(f"--damping must be in (0, 1], got {self.damping:g}.")
+        if not self.head_std > 0:
+            raise UsageError(f"--head-std must be positive, got {self.head_std:g}.")
         if not self.tol > 0:
             raise UsageError(f"--tol must be positive, got {self.tol:g}.")
         return self

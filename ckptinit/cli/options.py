@@ -131,8 +131,8 @@ OptimizerOpt = Annotated[str, typer.Option(
     help="Whose relative step to equalise: SGD's ||dL/dW|| / ||W||, or Adam's lr / RMS(W).")]
 ResidualInitOpt = Annotated[str, typer.Option(
     "--residual-init", metavar="data|timm", rich_help_panel=METHOD,
-    help="Fresh residual branches that start at zero (zero_init_last, LayerScale): data gives "
-    "each a share 1/sqrt(n) so every unit takes part; timm keeps them at zero.")]
+    help="Fresh zero-started residual branches: data gives each a share 1/sqrt(n), timm "
+    "keeps them at zero.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", rich_help_panel=OUTPUT, help="Nothing on stderr but errors.")]
 PlotOpt = Annotated[Path | None, typer.Option(
@@ -161,11 +161,13 @@ PatchBudgetOpt = Annotated[int, typer.Option(
 DampingOpt = Annotated[float, typer.Option(
     "--damping", metavar="ALPHA", rich_help_panel=METHOD,
     help="Step size alpha in (0, 1] of the between-layer update r = (C/Cbar)^(alpha/2).")]
+HeadStdOpt = Annotated[float, typer.Option(
+    "--head-std", metavar="STD", rich_help_panel=METHOD,
+    help="Std of the model's outputs (its head) after the within-layer step.")]
 TolOpt = Annotated[float, typer.Option(
     "--tol", metavar="FRACTION", rich_help_panel=METHOD,
-    help="Tolerance of both steps: the within-layer passes stop when no channel moves by "
-    "more than this fraction, the between-layer step when every change rate is within it "
-    "of the target.")]
+    help="Tolerance of both steps: of each channel's correction per within-layer pass, "
+    "and of each change rate against the target.")]
 ItersOpt = Annotated[int, typer.Option(
     "--iters", metavar="N", min=0, rich_help_panel=METHOD,
     help="Most between-layer iterations.")]

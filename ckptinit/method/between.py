@@ -242,6 +242,7 @@ class _Scan:
     units: list[Unit]
     batchnorm_order: dict[str, int]
     gates: frozenset[str] = frozenset()  # every moved unit has an explicit goal
+    outputs: frozenset[str] = frozenset()
 
 
 def _fill_records(plan, records, first, values, target, tol, excluded, tied, norms_before,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class UnitScan:
     never_called: list[str]  # units defined but not called (e.g. an unused head)
     batchnorm_order: dict[str, int]  # BN module name -> position among all leaf calls
     gates: set[str] = field(default_factory=set)  # units whose output is a gate's logit
+    outputs: set[str] = field(default_factory=set)  # units whose output is the model's
 
 
 @contextmanager
@@ -135,30 +137,32 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
         handles.append(m.register_forward_pre_hook(unit_hook(name)))
     for name, m in bns.items():
         handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    gates = _GateFinder()
+    flow = _FlowFinder()
     for name, m in candidates.items():
-        handles.append(m.register_forward_hook(gates.unit_hook(name)))
-    with removing(handles), torch.no_grad(), calibration_mode(model), gates:
-        model(sample)
+        handles.append(m.register_forward_hook(flow.unit_hook(name)))
+    with removing(handles), torch.no_grad(), calibration_mode(model), flow:
+        out = model(sample)
+    heads = {flow.get(flow.logits, t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
     units = sorted(seen.values(), key=lambda u: u.order)
     never = [n for n in candidates if n not in seen]
     if never:
         log.info("%d units are never called in the forward pass: %s", len(never), never[:5])
     return UnitScan(units=units, never_called=never, batchnorm_order=bn_order,
-                    gates=gates.found)
+                    gates=flow.gates, outputs=heads - {None})
 
 
-class _GateFinder(TorchFunctionMode):
-    """Follows unit outputs through one pass: a unit whose output goes through a sigmoid-like
-    op (after view-like ops or a constant shift) into a product that broadcasts it over a
-    larger tensor is a gate's logit (squeeze-excite, ECA, CBAM; not a GLU, whose gate has
-    the features' own shape). Tensors are tracked by identity while the pass holds them."""
+class _FlowFinder(TorchFunctionMode):
+    """Follows unit outputs through one pass (by identity, while the pass holds them),
+    through view-like ops and constant shifts only. A unit whose output then goes through a
+    sigmoid-like op into a product that broadcasts it over a larger tensor is a gate's logit
+    (squeeze-excite, ECA, CBAM; not a GLU, whose gate has the features' own shape); one
+    whose output is the model's output is a head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.logits: dict[int, tuple[torch.Tensor, str]] = {}
         self.gated: dict[int, tuple[torch.Tensor, tuple[str, int]]] = {}  # unit, gate numel
-        self.found: set[str] = set()
+        self.gates: set[str] = set()
 
     def unit_hook(self, name: str):
         def hook(module, args, out):
@@ -174,24 +178,24 @@ class _GateFinder(TorchFunctionMode):
         if not tensors or not isinstance(out, torch.Tensor):
             return out
         passes = name in _VIEW_OPS or (name in _SHIFT_OPS and len(tensors) == 1)
-        unit = self._get(self.logits, tensors[0])
+        unit = self.get(self.logits, tensors[0])
         if unit is not None and name in _GATE_OPS:
             self.gated[id(out)] = (out, (unit, out.numel()))
         elif unit is not None and passes:
             self.logits[id(out)] = (out, unit)
-        gate = self._get(self.gated, tensors[0])
+        gate = self.get(self.gated, tensors[0])
         if gate is not None and passes:
             self.gated[id(out)] = (out, gate)
         if name in ("mul", "__mul__", "__rmul__", "mul_") and len(tensors) == 2:
-            a, b = (self._get(self.gated, t) for t in tensors)
+            a, b = (self.get(self.gated, t) for t in tensors)
             if (a is None) != (b is None):  # a gate times the features it gates
                 unit, numel = a or b
                 if numel < max(t.numel() for t in tensors):
-                    self.found.add(unit)
+                    self.gates.add(unit)
         return out
 
     @staticmethod
-    def _get(table: dict, t: torch.Tensor):
+    def get(table: dict, t: torch.Tensor):
         hit = table.get(id(t))
         return hit[1] if hit is not None and hit[0] is t else None
 

@@ -83,6 +83,7 @@ def normalize_within_(
     targets: set[str],
     draws: dict[str, str] | None = None,
     beta: float = 0.1,
+    head_std: float = 1.0,
     draw_fn: Callable | None = None,
     goals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     max_passes: int = MAX_PASSES,
@@ -110,7 +111,8 @@ def normalize_within_(
     saved = {n: copy.deepcopy(m.state_dict()) for n, m in bns.items() if n not in reest}
     momenta = {n: m.momentum for n, m in bns.items()}
     gates = scan.gates - set(goals or {})  # explicit goals (the between step's) come first
-    goals = {**{g: (beta, GATE_STD) for g in gates}, **(goals or {})}
+    goals = {**{g: (beta, GATE_STD) for g in gates},
+             **{h: (beta, head_std) for h in scan.outputs}, **(goals or {})}
     state = _State(units, len(batches), beta, goals, gates)
     passes, correction = 0, float("inf")
     try:

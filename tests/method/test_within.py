@@ -79,6 +79,17 @@ def test_plain_cnn_heldout_std_close_to_one():
         assert std.min().item() > 0.5 and std.max().item() < 1.6, name
 
 
+def test_head_std_sets_the_output_scale_and_nothing_else():
+    torch.manual_seed(0)
+    x = smooth_images(96, 32, seed=1)
+    model, _ = rescale(TinyCNN(), x[:64], RescaleOptions(**WITHIN, batch_size=64, head_std=0.25))
+    stds = heldout_stds(model, x[64:])
+    assert stds["fc2"].median().item() == pytest.approx(0.25, rel=0.2)  # the model's output
+    assert stds["fc1"].median().item() == pytest.approx(1.0, abs=0.15)
+    with torch.no_grad():
+        assert float(model.eval()(x[64:]).std()) == pytest.approx(0.25, rel=0.25)
+
+
 def test_gaussian_draw_then_normalise_is_seeded():
     x = smooth_images(32, 32)
     outs = []
