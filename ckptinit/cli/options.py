@@ -179,10 +179,7 @@ OutputOpt = Annotated[Path, typer.Option(
     "(model.safetensors, config.json, README.md model card, JSON report, plots).")]
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", rich_help_panel=OUTPUT,
-    help="Print the plan and write nothing: every unit in execution order with its draw, "
-    "within-layer step and between-layer move (compensation, or pinned and why), and the "
-    "estimated passes and peak memory for --images and --batch-size. Decodes no image; "
-    "from one small pass on random inputs (seconds).")]
+    help="Print per-unit plan and cost; write nothing.")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", rich_help_panel=OUTPUT,
     help="Overwrite an existing output (a folder only if ckptinit wrote it; with --push-to, "

@@ -127,7 +127,7 @@ def rescale(
 
     A bare architecture gets fresh Gaussian weights, the within-layer and the between-layer
     step; weights from a checkpoint get the between-layer step only (plus the within-layer
-    step for units the checkpoint did not provide). --dry-run prints what it would do.
+    step for units the checkpoint did not provide).
     """
     with cli_errors():
         ui = Ui(quiet)

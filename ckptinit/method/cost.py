@@ -110,11 +110,12 @@ def measure_footprint(model: nn.Module, units: list[Unit], sample: torch.Tensor,
 
 def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, within: bool,
                     share_branches: bool, renormalise: bool, approximate: bool,
-                    retrace: bool) -> list[PassEstimate]:
+                    traces: int = TRACE_PASSES) -> list[PassEstimate]:
     """The calls of the model's forward (and backward) a run would make, stage by stage, in
     the order of `api.rescale`. `renormalise`: relaxed pairs whose second unit each
     iteration re-normalises; `approximate`: moves that change the function (BatchNorm is
-    then re-estimated); `retrace`: --allow-function-change with pinned units (traced again)."""
+    then re-estimated); `traces`: the passes of plan_moves (counted by the dry run: with
+    --allow-function-change and pinned units it traces twice)."""
     bs = options.batch_size
     nb = math.ceil(images / bs)
     b = min(bs, images)
@@ -131,7 +132,6 @@ def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, withi
                                                if nb > 1 else ", one exact pass")))
     if not options.between:
         return out
-    traces = TRACE_PASSES * (2 if retrace else 1)
     out.append(PassEstimate("trace the data flow", traces, images=TRACE_IMAGES))
     out.append(PassEstimate("function check (before), float64", nh, images=bh,
                             note="held-out images" if holdout else "calibration images"))

@@ -31,7 +31,7 @@ from .cost import (
     measure_footprint,
 )
 from .moves import Plan, plan_moves
-from .units import Unit, calibration_mode, scan_units
+from .units import Unit, calibration_mode, removing, scan_units
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ def dry_run(
         share = options.residual_init == "data" and fresh_set >= set(names)
         with _branches_shared(model, sample if share else None) as zero_started:
             fp = measure_footprint(model, scan.units, sample, options.seed)
-            plan = plan_moves(model, scan.units, sample, fresh_set,
-                              options.allow_function_change) if options.between else None
+            plan, traces = _plan(model, scan.units, sample, fresh_set, options)
     batch = min(options.batch_size, images)
     units = [_unit_plan(u, u.name in fresh_set, draws, plan, fp, options, batch)
              for u in scan.units]
@@ -76,9 +75,7 @@ def dry_run(
     result.passes = estimate_passes(
         options, images=images, holdout=holdout, within=any(u.within for u in units),
         share_branches=share, renormalise=bool(plan and plan.renormalise),
-        approximate=bool(plan and plan.approximate),
-        retrace=bool(plan and options.allow_function_change and any(
-            u.reason == RELEASED for u in units)))
+        approximate=bool(plan and plan.approximate), traces=traces)
     result.memory = estimate_memory(model, scan.units, fp, options, images=images,
                                     holdout=holdout, patch_bytes=_patch_bytes(scan.units, draws,
                                                                               fp, options))
@@ -88,6 +85,19 @@ def dry_run(
     result.notes += _notes(plan, zero_started, fp, scan.units)
     result.timings["plan"] = time.perf_counter() - t0
     return result
+
+
+def _plan(model: nn.Module, units: list[Unit], sample: torch.Tensor, fresh: set[str],
+          options: RescaleOptions) -> tuple[Plan | None, int]:
+    """The between-layer plan as the run makes it, and the forward passes it took (the
+    run's trace takes as many: one more round with --allow-function-change and pins)."""
+    if not options.between:
+        return None, 0
+    calls = [0]
+    hook = model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    with removing([hook]):
+        plan = plan_moves(model, units, sample, fresh, options.allow_function_change)
+    return plan, calls[0]
 
 
 @contextmanager

@@ -119,4 +119,4 @@ def test_dry_run_checks_the_source_data_and_options_as_a_run_does(tmp_path):
 def test_dry_run_is_in_the_help():
     result = invoke("rescale", "--help")
     assert result.exit_code == 0
-    assert "--dry-run" in result.stdout and "write nothing" in " ".join(result.stdout.split())
+    assert "--dry-run" in result.stdout and "write nothing" in result.stdout
