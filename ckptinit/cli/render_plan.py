@@ -90,7 +90,7 @@ def data_line(plan: DryRunPlan) -> str:
             if d["available"] < need else ")"
     size = "x".join(map(str, d.get("input_size", [])))
     return (f"{text}; {d['images']} calibration + {d['holdout']} holdout images at {size}, "
-            f"--batch-size {d['batch_size']}: {d['batches']} batch(es); no image read")
+            f"--batch-size {d['batch_size']}: {d['batches']} batch(es); no image decoded")
 
 
 def print_plan(plan: DryRunPlan, console: Console) -> None:
@@ -104,7 +104,7 @@ def print_plan(plan: DryRunPlan, console: Console) -> None:
                   + ", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
     console.print(pass_table(plan))
     mem = plan.memory
-    console.print(Text(f"estimated peak memory: ≤ {fmt_bytes(mem['peak_bytes'])} "
+    console.print(Text(f"estimated peak memory: about {fmt_bytes(mem['peak_bytes'])} "
                        f"({mem['peak_phase']}, {mem['batch_images']} images a batch); "
                        f"parameters {fmt_bytes(mem['parameter_bytes'])}, per image "
                        f"{fmt_bytes(mem['per_image']['produced'])} of activations", style="bold"))

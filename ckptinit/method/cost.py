@@ -159,7 +159,8 @@ def estimate_memory(model: nn.Module, units: list[Unit], fp: Footprint,
                     options: RescaleOptions, *, images: int, holdout: int,
                     patch_bytes: int = 0) -> dict:
     """Peak tensor memory of a run on its device, by component, in bytes: an estimate that
-    errs high (every activation of a forward held at once)."""
+    holds every activation of a forward at once (a pass without grad frees most as it goes;
+    one with grad keeps about that much for its backward)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     model_bytes = params + buffers
@@ -190,7 +191,6 @@ def estimate_memory(model: nn.Module, units: list[Unit], fp: Footprint,
                 "image on a small pass at the real input size, times the batch), plus the unit "
                 "weights' gradients and two of the largest activation for the backward; the "
                 "function check holds a float64 copy of the model; batches in flight and the "
-                "held-out images count too. An upper bound on tensor memory: a forward without "
-                "grad frees most activations as it goes. The Python and torch runtime (about "
-                "0.5 GB of host memory) is not included."),
+                "held-out images count too. Tensors only: the process adds the Python and "
+                "torch runtime (about 1 GB of host memory with timm) and image decoding."),
     }
