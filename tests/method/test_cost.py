@@ -3,8 +3,6 @@ against the tensors a forward really makes."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import timm
 import torch
@@ -88,28 +86,3 @@ def test_footprint_counts_at_least_what_the_modules_output_and_scales_with_the_b
     assert fp4.rows["conv1.0"] == 16 * 16  # stride 2 on 32 px: output positions per image
     # timm zero-initialises each block's last BatchNorm: those branches get no gradient
     assert "layer1.0.conv1" in fp4.zero_grad and "fc" not in fp4.zero_grad
-
-
-def test_dry_run_leaves_the_model_as_found():
-    model = timm.create_model("test_resnet", pretrained=False)
-    model.fc.weight.requires_grad_(False)
-    before = copy.deepcopy(model.state_dict())
-    modes = [m.training for m in model.modules()]
-    plan = dry_run(model, (3, 32, 32), RescaleOptions(), images=8, holdout=2)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert [m.training for m in model.modules()] == modes
-    assert not model.fc.weight.requires_grad and model.conv1[0].weight.requires_grad
-    # zero-started branches get a share in the plan, as in the run, but not in the model
-    assert any("residual branches" in n for n in plan.notes)
-    assert plan.memory["peak_bytes"] > plan.memory["parameter_bytes"]
-
-
-def test_a_patch_draw_with_too_few_rows_is_reported_as_its_fallback():
-    model = timm.create_model("test_resnet", pretrained=False)
-    plan = dry_run(model, (3, 32, 32), RescaleOptions(weights="pca", within=True,
-                                                      batch_size=1), images=1, holdout=0)
-    fc = next(u for u in plan.units if u.name == "fc")  # 1 row per image, 1000 outputs
-    assert fc.draw == "pca" and "falls back to gaussian" in fc.draw_note
-    conv = next(u for u in plan.units if u.name == "conv1.0")  # 256 rows, 16 outputs
-    assert conv.draw_note is None
