@@ -34,3 +34,17 @@ def test_a_patch_draw_with_too_few_rows_is_reported_as_its_fallback():
     assert fc.draw == "pca" and "falls back to gaussian" in fc.draw_note
     conv = next(u for u in plan.units if u.name == "conv1.0")  # 256 rows, 16 outputs
     assert conv.draw_note is None
+
+
+def test_steps_switched_off_are_planned_as_off():
+    model = timm.create_model("test_resnet", pretrained=False)
+    plan = dry_run(model, (3, 32, 32), RescaleOptions(within=False, between=False),
+                   images=8, holdout=0)
+    assert all(u.draw == "timm init" and not u.within and u.between == "off"
+               for u in plan.units)
+    assert [p.stage for p in plan.passes] == ["scan units",
+                                              "find zero-started residual branches"]
+    loaded = dry_run(model, (3, 32, 32), RescaleOptions(), fresh={"fc"}, images=8, holdout=0)
+    assert {u.name for u in loaded.units if u.within} == {"fc"}
+    assert all(u.draw == "kept" for u in loaded.units if u.name != "fc")
+    assert not any("residual branches" in n for n in loaded.notes)  # only on fresh nets
