@@ -104,13 +104,8 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
     report, records = _new_report("rescale", options, scan)
     report.timings["scan"] = time.perf_counter() - t0
 
-    if options.within is None and options.weights is None:
-        targets = {u.name for u in scan.units if u.name in fresh_set}
-    else:  # --within, or an explicit --weights draw: every unit
-        targets = {u.name for u in scan.units} if options.within is not False else set()
-    draws = {
-        n: options.weights or ("gaussian" if n in fresh_set else "keep") for n in targets
-    }
+    draws = options.within_draws([u.name for u in scan.units], fresh_set)
+    targets = set(draws)
     for name in fresh_set & set(records):
         records[name].note = "fresh"
     if options.residual_init == "data" and fresh_set >= {u.name for u in scan.units}:
@@ -431,3 +426,50 @@ def measure_source(
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
     return report
+
+
+def dry_run_checkpoint(
+    source: str,
+    output: str | Path,
+    *,
+    options: RescaleOptions | None = None,
+    source_options: SourceOptions | None = None,
+    calib_options: CalibrationOptions | None = None,
+    force: bool = False,
+    progress: Callable[[str, int, int | None], None] | None = None,
+    writes: Iterable[str] = (),
+):
+    """What `rescale_checkpoint` would do (method/dry_run.py): the same checks of options,
+    device, data and SOURCE, the model built, no image decoded, nothing written. A refusal
+    of `output` is reported, not raised; `writes` names the side files it would write."""
+    from .data.calibration import check_data
+    from .data.readers import open_source
+    from .data.transforms import resolve_data_config
+    from .errors import CkptInitError
+    from .method.dry_run import dry_run
+    from .output.checkpoint import check_output
+    from .sources.load import input_files
+
+    options, cal = (options or RescaleOptions()).check(), calib_options or CalibrationOptions()
+    step = progress or (lambda stage, done, total: None)
+    check_data(cal)
+    resolve_device(options.device)  # the checks of a run; the small passes run on the CPU
+    try:
+        check_output(output, force, inputs=input_files(source))
+        refusal = None
+    except CkptInitError as e:
+        refusal = str(e)
+    step("loading model", 0, None)
+    loaded = _load_seeded(source, source_options, options.seed)
+    input_size = tuple(resolve_data_config(loaded.model, cal)["input_size"])
+    hub = cal.data != "samples" and not Path(cal.data).expanduser().exists()
+    found = None if hub else open_source(cal, cal.images + cal.holdout)  # lists, decodes none
+    step("planning", 0, None)
+    plan = dry_run(loaded.model, input_size, options, fresh=fresh_units(loaded),
+                   images=cal.images, holdout=cal.holdout)
+    plan.source = loaded.to_dict()
+    plan.data.update(data=cal.data, kind=found.kind if found else "hub",
+                     available=found.available if found else None)
+    plan.would_write, plan.would_refuse = [str(output), *map(str, writes)], refusal
+    plan.notes[:0] = list(loaded.notes)
+    return plan

@@ -76,6 +76,24 @@ def on_device(model: nn.Module, device: str) -> Iterator[DeviceRun]:
 
 
 @contextlib.contextmanager
+def one_thread(device: torch.device | str) -> Iterator[None]:
+    """Run small CPU work on one intra-op thread, restored after. On busy shared cores
+    OpenMP's spinning threads cost more than they give: QR and eigh of a few hundred columns
+    took 2-4 s on two threads against 0.01-0.1 s on one, and a resnet50 forward of two
+    images 2.6 s against 0.15 s (2-core machine, load 3; on a quiet one two threads are up
+    to twice as fast). Nothing changes on other devices."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def precision(device: torch.device | str, tf32: bool) -> Iterator[None]:
     """Allow (or forbid) TF32 for float32 matmuls and convolutions on CUDA, restored after.
 

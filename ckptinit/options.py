@@ -34,6 +34,15 @@ class RescaleOptions:
     optimizer: str = "sgd"  # sgd: ||dL/dW|| / ||W||; adam: lr / RMS(W)
     residual_init: str = "data"  # data: zero-started branches get a share; timm: kept
 
+    def within_draws(self, units: list[str], fresh: set[str]) -> dict[str, str]:
+        """The units the within-layer step normalises, each with its weight draw (DESIGN 1.3:
+        by default fresh units get a gaussian draw, loaded ones are not touched)."""
+        if self.within is None and self.weights is None:
+            units = [n for n in units if n in fresh]
+        elif self.within is False:
+            units = []
+        return {n: self.weights or ("gaussian" if n in fresh else "keep") for n in units}
+
     def check(self) -> RescaleOptions:
         """Refuse values the method cannot run with (one place for the CLI and the API)."""
         for flag, value, allowed in (("--weights", self.weights, WEIGHT_DRAWS),

@@ -102,3 +102,66 @@ class RunReport:
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=json_default) + "\n")
+
+
+@dataclass
+class UnitPlan:
+    """What a run would do to one unit (`ckptinit rescale --dry-run`)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    calls: int = 1
+    origin: str = "fresh"  # fresh | loaded
+    draw: str = "kept"  # kept (loaded weights) | timm init (fresh, not redrawn) | <draw>
+    draw_note: str | None = None  # e.g. the fallback a data-dependent draw would take
+    within: bool = False
+    within_note: str | None = None
+    between: str = "off"  # movable | balanced | pinned | excluded | off
+    compensation: str | None = None  # what absorbs its move, or the units it moves with
+    reason: str | None = None  # why pinned, excluded or approximate
+    slices: list[dict] | None = None  # fused q/k/v projections: status per slice
+
+
+@dataclass
+class PassEstimate:
+    """One stage's passes through the model: calls of forward (each on `images` images)."""
+
+    stage: str
+    forwards: int
+    backwards: int = 0
+    images: int = 0  # per call
+    bound: bool = False  # True: an upper bound (the stage may stop early)
+    note: str | None = None
+
+
+@dataclass
+class DryRunPlan:
+    """The plan of a run: every unit in execution order, estimated passes and peak memory;
+    made from one small traced pass, without reading calibration images or writing files."""
+
+    version: str
+    source: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # data, kind, images, holdout, batches, input size
+    units: list[UnitPlan] = field(default_factory=list)
+    never_called: list[str] = field(default_factory=list)
+    passes: list[PassEstimate] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # bytes by component, peak, how estimated
+    would_write: list[str] = field(default_factory=list)
+    would_refuse: str | None = None  # what the run itself would refuse about the outputs
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def forwards(self) -> int:
+        return sum(p.forwards for p in self.passes)
+
+    @property
+    def backwards(self) -> int:
+        return sum(p.backwards for p in self.passes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(forwards=self.forwards, backwards=self.backwards)
+        return d

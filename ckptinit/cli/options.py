@@ -179,6 +179,9 @@ OutputOpt = Annotated[Path, typer.Option(
     "--output", "-o", metavar="FILE.safetensors|FOLDER", show_default=False,
     rich_help_panel=OUTPUT, help="Output checkpoint, or a folder ready for the Hub "
     "(model.safetensors, config.json, README.md model card, JSON report, plots).")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", rich_help_panel=OUTPUT,
+    help="Print per-unit plan and cost; write nothing.")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", rich_help_panel=OUTPUT,
     help="Overwrite an existing output (a folder only if ckptinit wrote it; with --push-to, "

@@ -61,7 +61,7 @@ def _status(u: UnitRecord) -> str:
     return status
 
 
-def _relative(target_text: str, unit: str) -> str:
+def relative(target_text: str, unit: str) -> str:
     """Shorten module names in a compensation that share the unit's parent path.
 
     'batchnorm layer1.0.bn1' for unit 'layer1.0.conv1' becomes 'batchnorm bn1'; a bare
@@ -87,7 +87,7 @@ def _compensation(u: UnitRecord) -> str:
         return u.between_reason
     if not u.compensation or u.compensation == "-":
         return "-"
-    return _relative(u.compensation, u.name)
+    return relative(u.compensation, u.name)
 
 
 def _columns(report: RunReport) -> list[tuple[str, str, list[str]]]:

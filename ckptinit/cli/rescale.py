@@ -3,6 +3,8 @@ checkpoint or a Hub-ready folder (and with --push-to, upload it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from ..options import CalibrationOptions, RescaleOptions
@@ -18,6 +20,7 @@ from .options import (
     DampingOpt,
     DataOpt,
     DeviceOpt,
+    DryRunOpt,
     ForceOpt,
     FunctionTolOpt,
     GradBatchesOpt,
@@ -63,6 +66,7 @@ from .outputs import write_outputs
 from .push import publish_options, upload
 from .ui import Ui
 
+PIPE_WIDTH = 200  # columns of the --dry-run plan when stdout is not a terminal
 _R, _C = RescaleOptions, CalibrationOptions  # defaults live in the option dataclasses
 
 
@@ -116,6 +120,7 @@ def rescale(
     push_to: PushToOpt = None,
     private: PrivateOpt = False,
     force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -129,6 +134,9 @@ def rescale(
     with cli_errors():
         ui = Ui(quiet)
         src, cal, opts = stage_options(ctx)
+        if dry_run:  # the same checks, but no Hub contact for --push-to and no file written
+            publish_options(ctx, output, None, license, token, force)
+            return _dry_run(ui, ctx.params, source, output, src, cal, opts, as_json)
         publish = publish_options(ctx, output, push_to, license, token, force, private)
         from ..api import rescale_checkpoint
         from .render import print_report
@@ -144,3 +152,26 @@ def rescale(
         if publish.repo_id:
             upload(ui, output, publish.repo_id, url_on_stdout=not json_out, token=token,
                    private=private, force=force)
+
+
+def _dry_run(ui: Ui, params: dict, source, output, src, cal, opts, as_json: bool) -> None:
+    """The plan on stdout: a table, or JSON with --json (or --report -)."""
+    import json
+
+    from rich.console import Console
+
+    from ..api import dry_run_checkpoint
+    from .render_plan import print_plan
+
+    writes = [params[k] for k in ("report", "plot") if params[k] not in (None, Path("-"))]
+    if params["push_to"]:
+        writes.append(f"hf-hub:{params['push_to']} (upload; the Hub is not contacted now)")
+    with ui:
+        plan = dry_run_checkpoint(source, output, options=opts, source_options=src,
+                                  calib_options=cal, force=params["force"],
+                                  progress=ui.progress, writes=writes)
+    if as_json or str(params["report"]) == "-":
+        typer.echo(json.dumps(plan.to_dict(), indent=2, default=str))
+    else:
+        console = Console()  # stdout; piped or captured, wide enough not to wrap the table
+        print_plan(plan, console if console.is_terminal else Console(width=PIPE_WIDTH))

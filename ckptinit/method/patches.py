@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+
+from ..device import one_thread
 
 # Whitening. The reference adds an absolute 1e-3 to eigenvalues of an unnormalised scatter
 # matrix (sum, not mean, over patches), which makes it scale-dependent and nearly zero. Here
@@ -238,21 +238,10 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@contextmanager
-def lapack_threads(t: torch.Tensor) -> Iterator[None]:
-    """Run CPU LAPACK (QR, eigh) on one thread. Its OpenMP panels spin at every step: with
-    the cores shared (other processes, or torch's own inter-op work), QR and eigh of a few
-    hundred columns took 2-4 s on two threads against 0.01-0.1 s on one. The GEMMs, which
-    dominate the cost, keep all threads."""
-    threads = torch.get_num_threads()
-    if t.device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def lapack_threads(t: torch.Tensor):
+    """Run CPU LAPACK (QR, eigh) on one thread (device.one_thread): its OpenMP panels spin
+    at every step. The GEMMs, which dominate the cost, keep all threads."""
+    return one_thread(t.device)
 
 
 def _top_eigen(
