@@ -21,6 +21,7 @@ from .device import (
     resolve_device,  # noqa: F401  (public here too: ckptinit.api.resolve_device)
 )
 from .errors import UsageError
+from .method.output_scale import check_output_scale
 from .method.units import is_unit, scan_units
 from .method.within import normalize_within_
 from .options import (
@@ -144,8 +145,8 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
                      sample)
     else:
         report.notes.append("between-layer step skipped")
-    _check_output_scale(model, holdout_batches, report, options.head_std,
-                        drawn=bool(targets) and any(d != "keep" for d in draws.values()))
+    check_output_scale(model, holdout_batches, report, options.head_std,
+                       drawn=bool(targets) and any(d != "keep" for d in draws.values()))
     if scan.never_called:
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")
@@ -284,37 +285,6 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
            if result.batchnorms_reestimated else "")
     )
     report.timings["between"] = time.perf_counter() - t
-
-
-OUTPUT_STD_RANGE = (0.5, 2.0)  # x --head-std: the output scale carried over to other images
-
-
-def _check_output_scale(model, holdout, report: RunReport, head_std: float, drawn: bool
-                        ) -> None:
-    """The model output's std on the held-out images in eval mode (running BatchNorm
-    statistics, as the checkpoint will be used): measured outside the steps, on images they
-    never fitted, so a scale that does not carry over is said, not hidden."""
-    from .method.rates import output_tensors
-
-    was = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            ys = [torch.cat([t.detach().flatten(1).double() for t in output_tensors(model(x))],
-                            1) for x in holdout]
-    finally:
-        for m, t in was.items():
-            m.train(t)
-    y = torch.cat(ys)
-    report.output_std = float(y.std()) if y.numel() > 1 else None
-    lo, hi = (head_std * r for r in OUTPUT_STD_RANGE)
-    if drawn and report.output_std is not None and not lo <= report.output_std <= hi:
-        msg = (f"the model's output std on {y.shape[0]} held-out images (eval mode) is "
-               f"{report.output_std:.3g}, outside [{lo:g}, {hi:g}]: the statistics fitted on "
-               "the calibration images do not carry over to other images; more, and more "
-               "varied, calibration images (--images, --data) usually fix it")
-        log.warning(msg[0].upper() + msg[1:] + ".")
-        report.notes.append("output scale: " + msg)
 
 
 def _g(value: float | None) -> str:

@@ -130,8 +130,10 @@ def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, withi
             note=f"{nb} batch(es) per pass" + (f", at most {MAX_PASSES} passes (stops when no "
                                                f"channel moves by more than --tol)"
                                                if nb > 1 else ", one exact pass")))
+    scale = PassEstimate("output scale (eval mode)", nh, images=bh,
+                         note="held-out images" if holdout else "calibration images")
     if not options.between:
-        return out
+        return out + [scale]
     out.append(PassEstimate("trace the data flow", traces, images=TRACE_IMAGES))
     out.append(PassEstimate("function check (before), float64", nh, images=bh,
                             note="held-out images" if holdout else "calibration images"))
@@ -152,7 +154,7 @@ def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, withi
         out.append(PassEstimate("re-estimate BatchNorm", nb, images=b, bound=True,
                                 note="after moves that change the function"))
     out.append(PassEstimate("function check (after), float64", nh, images=bh))
-    return out
+    return out + [scale]
 
 
 def estimate_memory(model: nn.Module, units: list[Unit], fp: Footprint,
