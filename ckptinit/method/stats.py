@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+CANCELLATION = 1e4  # mean^2 / var above which sums of squares lose too many digits
+
 
 @dataclass
 class Moments:
@@ -22,9 +24,24 @@ class Moments:
         var_mean reduces in place (no channel-first copy) with a stable float32 algorithm;
         only the per-channel results are kept in float64 for merging.
         """
-        dims = tuple(d for d in range(z.dim()) if d != channel_dim % z.dim())
-        var, mean = torch.var_mean(z.detach().float(), dim=dims, unbiased=False)
+        z = z.detach().float()
         n = float(z.numel() // z.shape[channel_dim])
+        if z.device.type == "cpu" and channel_dim % z.dim() == 1 and z.dim() > 2:
+            # CPU var_mean over (0, 2, 3) is a strided reduction, 5-6x slower than these
+            # per-(image, channel) sums, which are short in float32 and merged in float64
+            zz = z.reshape(z.shape[0], z.shape[1], -1)
+            total = zz.sum(2).double().sum(0)
+            total_sq = torch.linalg.vector_norm(zz, 2, dim=2).double().square().sum(0)
+            mean = total / n
+            if not bool((mean * mean <= CANCELLATION * (total_sq / n - mean * mean)).all()):
+                return cls._stable(z, channel_dim, n)  # a mean far above the std
+            return cls(n, total, total_sq)
+        return cls._stable(z, channel_dim, n)
+
+    @classmethod
+    def _stable(cls, z: torch.Tensor, channel_dim: int, n: float) -> Moments:
+        dims = tuple(d for d in range(z.dim()) if d != channel_dim % z.dim())
+        var, mean = torch.var_mean(z, dim=dims, unbiased=False)
         mean, var = mean.double(), var.double()
         return cls(n, n * mean, n * (var + mean * mean))
 

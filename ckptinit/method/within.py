@@ -208,8 +208,9 @@ class _State:
                 self.change[name] = torch.where(dead, torch.zeros_like(change), change).amax()
                 largest.append(self.change[name])
             shape = channel_shape(z, module)
-            return (z * scale.to(z.dtype).view(shape) + shift.to(z.dtype).view(shape)
-                    ).contiguous()
+            # in place: the output is fresh and nothing has seen it yet (no grad here); a
+            # new tensor per unit cost as much as the statistics on the CPU
+            return z.mul_(scale.to(z.dtype).view(shape)).add_(shift.to(z.dtype).view(shape))
 
         handles = []
         for u in self.units:
