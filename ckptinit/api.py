@@ -168,29 +168,47 @@ def rescale_checkpoint(
     publish: PublishOptions | None = None,
 ) -> RunReport:
     """SOURCE -> calibration images -> `rescale` -> a safetensors file with provenance, or
-    (`output` without .safetensors) a Hub-ready folder described by `publish`."""
+    (`output` without .safetensors) a Hub-ready folder described by `publish`.
+
+    Under torchrun (WORLD_SIZE > 1) every rank takes its share of the batches and rank 0
+    alone writes (ckptinit.distributed); the result is that of one process."""
+    from . import distributed
+
+    options = options or RescaleOptions()
+    ranks = distributed.from_env(resolve_device(options.device))
+    try:
+        return _rescale_checkpoint(source, output, options, source_options,
+                                   calib_options or CalibrationOptions(), force, progress,
+                                   publish or PublishOptions(), ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _rescale_checkpoint(source, output, options, source_options, calib_options, force,
+                        progress, publish, ranks) -> RunReport:
     from .data.calibration import check_data, load_calibration
+    from .distributed import together
     from .output.checkpoint import check_output, save_checkpoint
     from .output.folder import is_folder_output, write_folder
     from .output.metadata import build_header
     from .sources.load import input_files
 
-    options = options or RescaleOptions()
-    calib_options = calib_options or CalibrationOptions()
-    publish = publish or PublishOptions()
     step = progress or (lambda stage, done, total: None)
-    check_output(output, force, inputs=input_files(source))  # refuse before any work
-    check_data(calib_options)
-    device = resolve_device(options.device)
-    step("loading model", 0, None)
-    t0 = time.perf_counter()
-    loaded = _load_seeded(source, source_options, options.seed)
-    loaded.model.to(device)
-    t1 = time.perf_counter()
-    calib = load_calibration(
-        loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
-    )
-    t2 = time.perf_counter()
+    with together():  # a failure on any rank stops them all, with one message
+        if ranks.main:  # the writer
+            check_output(output, force, inputs=input_files(source))  # refuse before any work
+        check_data(calib_options)
+        device = resolve_device(options.device)
+    with together():
+        step("loading model", 0, None)
+        t0 = time.perf_counter()
+        loaded = _load_seeded(source, source_options, options.seed)
+        loaded.model.to(device)
+        t1 = time.perf_counter()
+        calib = load_calibration(
+            loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
+        )
+        t2 = time.perf_counter()
     with calib:
         model, report = rescale(
             loaded.model, calib.batches(options.batch_size), options,
@@ -203,6 +221,8 @@ def rescale_checkpoint(
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
     report.method, report.command_line = describe_method(report), publish.command_line
+    if not ranks.main:  # rank 0 writes; every rank has the same weights and report
+        return report
     step("writing checkpoint", 0, None)
     metadata = build_header(version=__version__, method=report.method,
                             options=report.options, seed=options.seed, loaded=loaded,

@@ -125,7 +125,10 @@ def rescale(
     step for units the checkpoint did not provide).
     """
     with cli_errors():
-        ui = Ui(quiet)
+        from ..distributed import env_ranks
+
+        main = env_ranks().main  # under torchrun only rank 0 reports and writes
+        ui = Ui(quiet or not main)
         src, cal, opts = stage_options(ctx)
         publish = publish_options(ctx, output, push_to, license, token, force, private)
         from ..api import rescale_checkpoint
@@ -135,6 +138,8 @@ def rescale(
             run = rescale_checkpoint(source, output, options=opts, source_options=src,
                                      calib_options=cal, force=force, progress=ui.progress,
                                      publish=publish)
+        if not main:
+            return
         print_report(run, ui.console)
         json_out = write_outputs(run, report, plot, as_json) is None  # None: JSON on stdout
         if not json_out:
