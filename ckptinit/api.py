@@ -210,6 +210,7 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
         )
         t2 = time.perf_counter()
     with calib:
+        _same_images(calib, ranks)
         model, report = rescale(
             loaded.model, calib.batches(options.batch_size), options,
             fresh=fresh_units(loaded), holdout=calib.holdout,
@@ -239,6 +240,21 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
                           pipeline=time.perf_counter() - t0)
     report.resources["peak_rss_bytes"] = peak_rss_bytes()
     return report
+
+
+def _same_images(calib, ranks) -> None:
+    """Under torchrun every rank must have read the same images (one --data on every node)."""
+    from .distributed import same_as_main, together
+    from .errors import DataError
+
+    if ranks.world == 1:
+        return
+    same = same_as_main(calib.fingerprint())
+    with together():
+        if not same:
+            raise DataError(f"Rank {ranks.rank} read other calibration images than rank 0; "
+                            "every process must see the same --data (the same files, and "
+                            "the same library versions to decode them).")
 
 
 def fresh_units(loaded) -> set[str] | None:

@@ -193,6 +193,27 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
             t.copy_(part.view_as(t))
 
 
+def same_as_main(digest: bytes) -> bool:
+    """Whether rank 0 holds the same digest (True alone)."""
+    if _current.world == 1:
+        return True
+    mine = torch.tensor(list(digest), dtype=torch.int64, device=_device)
+    main = mine.clone()
+    with _translated():
+        _wait(dist.broadcast(main, 0, async_op=True))
+    return bool(torch.equal(mine, main))
+
+
+def from_main(value: float) -> float:
+    """Rank 0's value of a number every rank computed (the one it reports and acts on)."""
+    if _current.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_device)
+    with _translated():
+        _wait(dist.broadcast(t, 0, async_op=True))
+    return float(t)
+
+
 def shard(batches) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, batch) for the batches this rank owns, read without the others; every batch
     alone."""
