@@ -175,7 +175,7 @@ def rescale_checkpoint(
     from . import distributed
 
     options = options or RescaleOptions()
-    ranks = distributed.from_env(resolve_device(options.device))
+    ranks = distributed.from_env(options.device)
     try:
         return _rescale_checkpoint(source, output, options, source_options,
                                    calib_options or CalibrationOptions(), force, progress,

@@ -84,13 +84,17 @@ def env_ranks() -> Ranks:
         return Ranks()
 
 
-def from_env(device: torch.device) -> Ranks:
+def from_env(device_option: str) -> Ranks:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on the CPU, NCCL on CUDA,
-    this rank's GPU from LOCAL_RANK); the ranks become `current()` until `shutdown`."""
+    this rank's GPU from LOCAL_RANK; `device_option` as --device gives it); the ranks
+    become `current()` until `shutdown`. Alone, nothing happens (not even the device check)."""
     global _current, _created, _device
     ranks = env_ranks()
     if ranks.world <= 1:
         return _current
+    from .device import resolve_device
+
+    device = resolve_device(device_option)
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"Several processes run on cpu or cuda, not {device.type}; pass "
                          "--device cpu or cuda.")

@@ -4,7 +4,8 @@ L = sum(g * y) over every output tensor, with g a fresh Rademacher (+-1) draw fo
 batch: the same expected squared gradient as a Gaussian draw with less variance. A fused
 q/k/v (or k/v) projection gets one rate per slice. Under Adam every coordinate moves by
 about the learning rate whatever the gradient scale, so its relative step is lr / RMS(W):
-`adam_log_rates` needs no gradient at all.
+`adam_log_rates` needs no gradient at all. Under torchrun draw j runs on rank j % N and the
+squared norms are summed over the ranks.
 """
 
 from __future__ import annotations

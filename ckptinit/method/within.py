@@ -8,7 +8,10 @@ batch, mapped exactly through its own later corrections; a later pass replaces e
 batch's entry by a fresh measurement, so what is left stale is only the drift of the
 units below during one pass. Passes stop when a pass corrects no channel by more than
 `tol`; depth never multiplies the cost (DESIGN 1.4). Statistics stay on the device in
-float64 and reach the host once, at the end.
+float64 and reach the host once, at the end. Under torchrun each rank forwards its own
+batches and, before a unit's forward, absorbs the moments the other ranks measured on the
+batches before it (relayed by distributed.Relay): every rank makes the rewrites of one
+process, in the same order.
 """
 
 from __future__ import annotations
