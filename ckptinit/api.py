@@ -221,6 +221,9 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
     report.source = loaded.to_dict()
     report.data = calib.info.to_dict()
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
+    if ranks.world > 1:
+        report.notes.append(f"{ranks.world} processes (torchrun), each on every "
+                            f"{ranks.world}th batch; the resources are rank 0's")
     report.method, report.command_line = describe_method(report), publish.command_line
     if not ranks.main:  # rank 0 writes; every rank has the same weights and report
         return report

@@ -19,8 +19,8 @@ from tests.cli.helpers import ARCH, invoke
 from tests.data.helpers import photo
 
 ROOT = Path(__file__).resolve().parents[1]
-# 4 batches of 4 (two per rank), three gradient draws (two on rank 0, one on rank 1)
-ARGS = ["--device", "cpu", "--input-size", "32", "--images", "16", "--holdout", "4",
+# 5 batches of 4 (three on rank 0, two on rank 1), three gradient draws (two on rank 0)
+ARGS = ["--device", "cpu", "--input-size", "32", "--images", "20", "--holdout", "4",
         "--batch-size", "4", "--grad-batches", "3"]
 RTOL = 1e-5
 
@@ -79,17 +79,18 @@ def test_two_processes_write_the_checkpoint_of_one(tmp_path):
     assert_same_checkpoint(one, two)
     assert proc.stdout.strip() == str(two)  # rank 0 alone reports (stdout: the path, once)
     assert proc.stderr.count("between-layer:") == 1, proc.stderr[-3000:]
+    assert "2 processes (torchrun)" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--weights", "kmeans"], ["--weights", "pca"]])
 def test_three_processes_on_a_loaded_checkpoint_with_data_draws(tmp_path, extra):
-    """A checkpoint as source, every unit redrawn from its input patches, 5 batches (an
-    uneven share: 2, 2, 1) and 4 gradient draws."""
+    """A checkpoint as source, every unit redrawn from its input patches, 5 batches (2, 2
+    and 1 per rank) and 4 gradient draws."""
     start = tmp_path / "start.safetensors"
     assert invoke("rescale", ARCH, *ARGS, "-o", start, "--no-between").exit_code == 0
-    args = [*ARGS, "--images", "20", "--grad-batches", "4", "--within", *extra]
+    args = [*ARGS, "--grad-batches", "4", "--within", *extra]
     one, three = tmp_path / "one.safetensors", tmp_path / "three.safetensors"
     result = invoke("rescale", start, *args, "-o", one)
     assert result.exit_code == 0, result.output
