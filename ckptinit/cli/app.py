@@ -9,6 +9,7 @@ it is read as markup (`[@revision]`) and it fits 80 columns.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -38,7 +39,8 @@ class Group(TyperGroup):
                     typer.echo(e.format_message(), err=True)
                     sys.exit(e.exit_code)
                 msg, code = message_and_code(e)
-                typer.echo(f"Error: {msg}", err=True)
+                if os.environ.get("RANK", "0") in ("", "0"):  # torchrun: every rank parses
+                    typer.echo(f"Error: {msg}", err=True)  # the same command line
                 sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
 

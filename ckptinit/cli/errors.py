@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -71,12 +72,24 @@ def message_and_code(e: BaseException) -> tuple[str, int]:
 
 
 def fail(e: BaseException) -> None:
-    """One line on stderr, a non-zero exit; the traceback only with CKPTINIT_DEBUG=1."""
+    """One line on stderr, a non-zero exit; the traceback only with CKPTINIT_DEBUG=1.
+
+    Under torchrun the line names the rank, a rank stopped because another one failed (a
+    lost peer, torchrun's SIGTERM) says nothing (the failing rank's line is the message),
+    and the process ends at once: the other ranks see its connections close now rather
+    than after the seconds torch takes to tear an interpreter down."""
     if debug():
         raise e
     msg, code = message_and_code(e)
-    typer.echo(f"Error: {msg}", err=True)
-    raise typer.Exit(code)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world in ("", "1"):
+        typer.echo(f"Error: {msg}", err=True)
+        raise typer.Exit(code)
+    if not (getattr(e, "silent", False) or isinstance(e, Terminated)):
+        typer.echo(f"Error: rank {os.environ.get('RANK', '?')} of {world}: {msg}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the writers have cleaned up already: the exception has unwound
 
 
 @contextlib.contextmanager

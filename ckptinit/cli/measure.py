@@ -91,7 +91,7 @@ def measure(
     with cli_errors():
         ui = Ui(quiet)
         src, cal, opts = stage_options(ctx)
-        from ..api import measure_source
+        from ..pipeline import measure_source
         from .render import print_report
 
         with ui:

@@ -132,19 +132,24 @@ def rescale(
     step for units the checkpoint did not provide).
     """
     with cli_errors():
-        ui = Ui(quiet)
+        from ..distributed import env_ranks
+
+        main = env_ranks().main  # under torchrun only rank 0 reports and writes
+        ui = Ui(quiet or not main)
         src, cal, opts = stage_options(ctx)
         if dry_run:  # the same checks, but no Hub contact for --push-to and no file written
             publish_options(ctx, output, None, license, token, force)
             return _dry_run(ui, ctx.params, source, output, src, cal, opts, as_json)
         publish = publish_options(ctx, output, push_to, license, token, force, private)
-        from ..api import rescale_checkpoint
+        from ..pipeline import rescale_checkpoint
         from .render import print_report
 
         with ui:
             run = rescale_checkpoint(source, output, options=opts, source_options=src,
                                      calib_options=cal, force=force, progress=ui.progress,
                                      publish=publish)
+        if not main:
+            return
         print_report(run, ui.console)
         json_out = write_outputs(run, report, plot, as_json) is None  # None: JSON on stdout
         if not json_out:
@@ -160,7 +165,7 @@ def _dry_run(ui: Ui, params: dict, source, output, src, cal, opts, as_json: bool
 
     from rich.console import Console
 
-    from ..api import dry_run_checkpoint
+    from ..pipeline import dry_run_checkpoint
     from .render_plan import print_plan
 
     writes = [params[k] for k in ("report", "plot") if params[k] not in (None, Path("-"))]

@@ -90,18 +90,24 @@ class _Stream:
         return start, min(start + self.batch_size, self._count)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        n = len(self)
+        return self.select(range(len(self)))
+
+    def select(self, indices: Sequence[int]) -> Iterator[torch.Tensor]:
+        """The batches at `indices` (in that order), prefetched like a full pass: one rank's
+        share of the batches (distributed.shard)."""
+        n = len(indices)
         ring = self._ring()  # host buffers reused batch after batch (or Nones)
         if not self.prefetch or n <= 1:
-            for i in range(n):
-                yield self._finish(self._load(*self._range(i), ring[i % 2]))
+            for j, i in enumerate(indices):
+                yield self._finish(self._load(*self._range(i), ring[j % 2]))
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptinit-prefetch") as pool:
-            ahead = pool.submit(self._load, *self._range(0), ring[0])
-            for i in range(n):
+            ahead = pool.submit(self._load, *self._range(indices[0]), ring[0])
+            for j in range(n):
                 host = ahead.result()
-                if i + 1 < n:  # batch i's buffer is free again once _finish has copied it
-                    ahead = pool.submit(self._load, *self._range(i + 1), ring[(i + 1) % 2])
+                if j + 1 < n:  # batch j's buffer is free again once _finish has copied it
+                    ahead = pool.submit(self._load, *self._range(indices[j + 1]),
+                                        ring[(j + 1) % 2])
                 yield self._finish(host)
 
     def __getitem__(self, i: int) -> torch.Tensor:

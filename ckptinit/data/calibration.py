@@ -12,6 +12,7 @@ depend on the number of workers. Library code: logs, never prints.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -95,6 +96,15 @@ class CalibrationSet:
     def batches(self, batch_size: int, device: torch.device | str = "cpu") -> SpoolBatches:
         """The images as a re-iterable stream of batches on `device` (the last may be short)."""
         return SpoolBatches(self.spool, batch_size, device, self.normalizer)
+
+    def fingerprint(self) -> bytes:
+        """A digest of every image's pixels (calibration and holdout), in order: processes
+        of one run compare it to know that they read the same images."""
+        digest = hashlib.blake2b(digest_size=32)
+        for start in range(0, self.spool.count, 64):
+            digest.update(self.spool.read(start, min(start + 64, self.spool.count)).tobytes())
+        digest.update(self.holdout.numpy().tobytes())
+        return digest.digest()
 
     def close(self) -> None:
         """Release the spool (its temporary file); `info` and `holdout` stay usable."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import from_main
 from ..errors import FunctionChangedError
 from ..report import FunctionCheck, UnitRecord
 from .moves import Plan, apply_scales_
@@ -135,7 +136,7 @@ def rescale_between_(
     _fill_records(plan, records, first, values, target, tol, excluded, tied, norms_before, adam,
                   rates_first, rates)
     after = eval_outputs(model, holdout)
-    rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
+    rel = from_main(float((after - before).norm() / before.norm().clamp_min(1e-30)))
     enforced = not approx_moved and plan.eps_exact
     check = FunctionCheck(rel_change=rel, tolerance=function_tol, enforced=enforced,
                           images=int(after.shape[0]),

@@ -4,7 +4,8 @@ L = sum(g * y) over every output tensor, with g a fresh Rademacher (+-1) draw fo
 batch: the same expected squared gradient as a Gaussian draw with less variance. A fused
 q/k/v (or k/v) projection gets one rate per slice. Under Adam every coordinate moves by
 about the learning rate whatever the gradient scale, so its relative step is lr / RMS(W):
-`adam_log_rates` needs no gradient at all.
+`adam_log_rates` needs no gradient at all. Under torchrun draw j runs on rank j % N and the
+squared norms are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from ..distributed import all_reduce_sum_, current
 from .units import Unit, calibration_mode
 
 Key = tuple[str, int]  # (unit name, slice)
@@ -75,13 +77,19 @@ def estimate_rates(
     acc = {u.name: torch.zeros(slices.get(u.name, 1), dtype=torch.float64, device=device)
            for u in units}
     requires = [w.requires_grad for w in weights]
-    take = list(itertools.islice(iter(batches), max(1, min(draws, len(batches)))))
+    ranks = current()
+    used = max(1, min(draws, len(batches)))
+    mine = [j for j in range(draws) if j % ranks.world == ranks.rank]  # draw j: rank j % N
+    if ranks.world == 1:
+        take = list(itertools.islice(iter(batches), used))
+    else:  # only the batches this rank's draws use
+        take = {i: batches[i] for i in sorted({j % used for j in mine})}
     try:
         with calibration_mode(model):
             for w in weights:
                 w.requires_grad_(True)
-            for j in range(draws):
-                ys = output_tensors(model(take[j % len(take)]))
+            for j in mine:
+                ys = output_tensors(model(take[j % used]))
                 gen = torch.Generator(device=ys[0].device).manual_seed(seed * 1000003 + j)
                 loss = sum(((torch.randint(0, 2, y.shape, generator=gen, device=y.device)
                              .to(y.dtype) * 2 - 1) * y).sum() for y in ys)
@@ -95,7 +103,9 @@ def estimate_rates(
             w.requires_grad_(r)
     names = [u.name for u in units]
     sizes = [acc[n].numel() for n in names]
-    flat = (torch.cat([acc[n] for n in names]) / draws).cpu()  # one transfer
+    flat = torch.cat([acc[n] for n in names])
+    all_reduce_sum_([flat])  # every rank's draws
+    flat = (flat / draws).cpu()  # one transfer
     grads_out = dict(zip(names, flat.split(sizes)))
     weight_sq = dict(zip(names, torch.cat([_weight_sq(u.module, k) for u, k in zip(units, sizes)])
                          .cpu().split(sizes)))

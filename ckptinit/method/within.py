@@ -8,7 +8,10 @@ batch, mapped exactly through its own later corrections; a later pass replaces e
 batch's entry by a fresh measurement, so what is left stale is only the drift of the
 units below during one pass. Passes stop when a pass corrects no channel by more than
 `tol`; depth never multiplies the cost (DESIGN 1.4). Statistics stay on the device in
-float64 and reach the host once, at the end.
+float64 and reach the host once, at the end. Under torchrun each rank forwards its own
+batches and, before a unit's forward, absorbs the moments the other ranks measured on the
+batches before it (relayed by distributed.Relay): every rank makes the rewrites of one
+process, in the same order.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import Relay, all_reduce_sum_, current, reduce_batchnorm_, shard
 from ..report import UnitRecord
 from .stats import Moments
 from .units import UnitScan, batchnorms, calibration_mode, channel_shape, removing
@@ -127,6 +131,7 @@ def normalize_within_(
                 log.debug("within-layer pass %d: largest correction %.3g", passes, correction)
                 if len(batches) == 1 or correction <= tol:
                     break
+            reduce_batchnorm_([bns[n] for n in sorted(reest)])  # every rank's batches
     finally:
         for n, m in bns.items():
             m.momentum = momenta[n]
@@ -157,6 +162,9 @@ class _State:
         self.draws: dict[str, object] = {}
         self.change: dict[str, torch.Tensor] = {}  # each unit's correction in the last pass
         self.gates = gates
+        self.tags = {u.name: i for i, u in enumerate(units)}  # relay tags (several ranks)
+        self.next: dict[str, int] = {}  # the next batch each unit absorbs, in a pass
+        self.largest: list[torch.Tensor] = []  # the corrections of the last batch, in a pass
 
     def goal(self, name: str, mom: Moments):
         if name in self.goals:
@@ -165,16 +173,25 @@ class _State:
 
     def run_pass(self, model, batches, draws, draw_fn, first: bool) -> torch.Tensor:
         seen: set[str] = set()
-        largest: list[torch.Tensor] = []
+        self.largest = []
         index = [0]
         last = len(batches) - 1
+        ranks = current()
+        relay = Relay(ranks, self.units[0].module.weight.device) if ranks.world > 1 else None
+        self.next = {u.name: 0 for u in self.units}  # the next batch each unit absorbs
+
+        def drawn(name: str, b: int) -> bool:  # its weights are drawn on this batch
+            return first and b == 0 and draws.get(name, "keep") != "keep"
 
         def pre_hook(module, args):
             name = self.names[module]
-            method = draws.get(name, "keep")
-            if not first or index[0] > 0 or name in seen or method == "keep":
+            if name in seen:
                 return
-            result = draw_fn(module, args[0], method)
+            if relay is not None:  # the batches before this one, from the ranks owning them
+                self._catch_up(relay, module, index[0], drawn, last)
+            if not drawn(name, index[0]):
+                return
+            result = draw_fn(module, args[0], draws[name])
             if module.bias is not None:  # a new draw owes nothing to the old bias
                 module.bias.zero_()
             self.draws[name] = result
@@ -186,27 +203,11 @@ class _State:
             seen.add(name)
             b = index[0]
             batch = Moments.of(z, channel_dim(module))
-            if first and b == 0:
-                self.before[name] = (batch.mean, batch.std)
-            entries = self.entries[name]
-            entries[b] = batch
-            mom = None
-            for e in entries:
-                if e is not None:
-                    mom = e if mom is None else mom + e
-            goal_mean, goal_std = self.goal(name, mom)
-            scale, shift, dead = rewrite_(module, mom, goal_mean, goal_std)
-            for i, e in enumerate(entries):
-                if e is not None:
-                    entries[i] = e.affine(scale, shift)
-            self.total[name] = self.total[name] * scale if name in self.total else scale
-            self.dead[name] = dead
-            if b == last:  # how far this pass moved the unit: the convergence test
-                change = (scale - 1).abs()
-                if module.bias is not None:
-                    change = torch.maximum(change, shift.abs() / goal_std)
-                self.change[name] = torch.where(dead, torch.zeros_like(change), change).amax()
-                largest.append(self.change[name])
+            if relay is not None:
+                if drawn(name, b):
+                    relay.send(self.tags[name], module.weight)
+                relay.send(self.tags[name], _pack(batch))
+            scale, shift = self._absorb(module, b, batch, last)
             shape = channel_shape(z, module)
             # in place: the output is fresh and nothing has seen it yet (no grad here); a
             # new tensor per unit cost as much as the statistics on the CPU
@@ -217,11 +218,58 @@ class _State:
             handles.append(u.module.register_forward_pre_hook(pre_hook))
             handles.append(u.module.register_forward_hook(hook))
         with removing(handles):
-            for b, x in enumerate(batches):
+            for b, x in shard(batches):
                 index[0] = b
                 seen.clear()
                 model(x)
-        return torch.stack(largest).amax() if largest else torch.zeros(())
+        if relay is not None:  # the batches after this rank's last one
+            for u in self.units:
+                self._catch_up(relay, u.module, len(batches), drawn, last)
+            relay.flush()
+        return torch.stack(self.largest).amax() if self.largest else torch.zeros(())
+
+    def _absorb(self, module, b: int, batch: Moments, last: int):
+        """Batch b's moments of the unit: rewrite it with the moments of every batch so far;
+        (scale, shift) correct an output in hand. Every rank absorbs every batch, in order."""
+        name = self.names[module]
+        if b == 0 and name not in self.before:
+            self.before[name] = (batch.mean, batch.std)
+        entries = self.entries[name]
+        entries[b] = batch
+        mom = None
+        for e in entries:
+            if e is not None:
+                mom = e if mom is None else mom + e
+        goal_mean, goal_std = self.goal(name, mom)
+        scale, shift, dead = rewrite_(module, mom, goal_mean, goal_std)
+        for i, e in enumerate(entries):
+            if e is not None:
+                entries[i] = e.affine(scale, shift)
+        self.total[name] = self.total[name] * scale if name in self.total else scale
+        self.dead[name] = dead
+        if b == last:  # how far this pass moved the unit: the convergence test
+            change = (scale - 1).abs()
+            if module.bias is not None:
+                change = torch.maximum(change, shift.abs() / goal_std)
+            self.change[name] = torch.where(dead, torch.zeros_like(change), change).amax()
+            self.largest.append(self.change[name])
+        self.next[name] = b + 1
+        return scale, shift
+
+    def _catch_up(self, relay: Relay, module, upto: int, drawn, last: int) -> None:
+        """Absorb the unit's batches before `upto` that other ranks measured (and, on the
+        first batch of the first pass, the weights rank 0 drew)."""
+        name = self.names[module]
+        tag = self.tags[name]
+        like = torch.empty(1 + 2 * module.weight.shape[0], dtype=torch.float64)
+        while self.next[name] < upto:
+            b = self.next[name]
+            src = relay.ranks.owner(b)
+            if drawn(name, b):
+                module.weight.copy_(relay.receive(tag, src, module.weight))
+                if module.bias is not None:
+                    module.bias.zero_()
+            self._absorb(module, b, _unpack(relay.receive(tag, src, like)), last)
 
     def fill_records(self, records: dict[str, UnitRecord], tol: float | None) -> None:
         names = list(self.change)
@@ -261,6 +309,15 @@ class _State:
                     f"gate logits: std {GATE_STD:g} (a near-constant gate)"
 
 
+def _pack(m: Moments) -> torch.Tensor:
+    return torch.cat([m.total.new_tensor([m.count]), m.total, m.total_sq])
+
+
+def _unpack(t: torch.Tensor) -> Moments:
+    c = (t.numel() - 1) // 2
+    return Moments(float(t[0]), t[1 : 1 + c], t[1 + c :])
+
+
 def measure_outputs(model: nn.Module, units, batches: Iterable[torch.Tensor]) -> dict:
     """Per-channel output moments of each unit over all batches (first call of each unit).
 
@@ -281,9 +338,20 @@ def measure_outputs(model: nn.Module, units, batches: Iterable[torch.Tensor]) ->
 
     handles = [u.module.register_forward_hook(hook) for u in units]
     with removing(handles), torch.no_grad():
-        for batch in batches:
+        for _, batch in shard(batches):
             seen.clear()
             model(batch)
+    if current().world > 1:  # sums over every rank's batches (a rank may have none)
+        for u in units:
+            if u.name not in moments:
+                zeros = u.module.weight.new_zeros(u.module.weight.shape[0], dtype=torch.float64)
+                moments[u.name] = Moments(0.0, zeros, zeros.clone())
+        parts = [t for u in units for t in (moments[u.name].total, moments[u.name].total_sq)]
+        counts = torch.tensor([moments[u.name].count for u in units], dtype=torch.float64,
+                              device=parts[0].device)
+        all_reduce_sum_([*parts, counts])
+        for u, n in zip(units, counts.tolist()):
+            moments[u.name].count = n
     return moments
 
 
@@ -303,8 +371,9 @@ def reestimate_batchnorm_(model: nn.Module, batches: Iterable[torch.Tensor],
             for m in bns.values():
                 m.reset_running_stats()
                 m.momentum = None
-            for x in batches:
+            for _, x in shard(batches):
                 model(x)
+        reduce_batchnorm_(bns.values())
     finally:
         for n, m in bns.items():
             m.momentum = momenta[n]
