@@ -26,10 +26,10 @@ SCRIPTS = ["convergence.py", "pretrained.py", "rate_plots.py", "step0.py", "with
 BEGIN, END = "<!-- evidence:begin -->", "<!-- evidence:end -->"
 
 
-def run_all(quick: bool, results_dir: Path) -> dict:
+def run_all(quick: bool, results_dir: Path, scripts: list[str] = SCRIPTS) -> dict:
     times = {}
     env = dict(os.environ, PYTHONPATH=str(D.ROOT))
-    for script in SCRIPTS:
+    for script in scripts:
         cmd = [sys.executable, str(HERE / script), "--results-dir", str(results_dir)]
         if quick:
             cmd.append("--quick")
@@ -104,6 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results-dir")
+    ap.add_argument("--scripts", default=",".join(SCRIPTS),
+                    help="comma-separated subset of the scripts (default: all)")
     ap.add_argument("--tables", metavar="DIR")
     ap.add_argument("--readme", metavar="DIR", help="replace the part of benchmarks/README.md "
                     f"between {BEGIN} and {END} with the tables of DIR")
@@ -119,7 +121,7 @@ def main() -> None:
         return
     d = D.results_dir(args.results_dir, args.quick)
     t0 = time.time()
-    times = run_all(args.quick, d)
+    times = run_all(args.quick, d, args.scripts.split(","))
     D.write_json({"command": " ".join(["python", *[os.path.relpath(a, D.ROOT) if
                                                    a.startswith("/") else a
                                                    for a in sys.argv]]),

@@ -19,7 +19,7 @@ class RescaleOptions:
     between: bool = True
     weights: str | None = None  # None: gaussian for fresh units, keep for loaded ones
     beta: float = 0.1
-    head_std: float = 1.0  # std of the model's outputs (the head's units) after the within step
+    head_std: float = 0.5  # std of the model outputs after the within step (convergence.py)
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
