@@ -191,11 +191,11 @@ def test_bad_options_are_one_line_errors(tmp_path, args, code, contains):
 
 
 def test_unexpected_errors_are_one_line_too(tmp_path, monkeypatch):
-    import ckptinit.api
+    import ckptinit.pipeline
 
     def boom(*args, **kwargs):
         raise RuntimeError("something broke\nsecond line")
 
-    monkeypatch.setattr(ckptinit.api, "rescale_checkpoint", boom)
+    monkeypatch.setattr(ckptinit.pipeline, "rescale_checkpoint", boom)
     err = assert_one_line_error(invoke("rescale", ARCH, "-o", tmp_path / "x.safetensors"))
     assert "RuntimeError: something broke" in err and "CKPTINIT_DEBUG" in err

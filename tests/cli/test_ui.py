@@ -76,7 +76,7 @@ def test_progress_lines_are_throttled_by_default(tmp_path):
 def test_quiet_switches_off_the_hub_bars(tmp_path, monkeypatch, quiet):
     from huggingface_hub.utils import are_progress_bars_disabled
 
-    import ckptinit.api
+    import ckptinit.pipeline
 
     seen = []
 
@@ -84,7 +84,7 @@ def test_quiet_switches_off_the_hub_bars(tmp_path, monkeypatch, quiet):
         seen.append(are_progress_bars_disabled())
         raise SourceError("stopped here")
 
-    monkeypatch.setattr(ckptinit.api, "rescale_checkpoint", stop)
+    monkeypatch.setattr(ckptinit.pipeline, "rescale_checkpoint", stop)
     assert not are_progress_bars_disabled()
     result = invoke("rescale", ARCH, "-o", tmp_path / "o.safetensors", *(["-q"] if quiet else []))
     assert result.exit_code == 1 and "stopped here" in result.stderr

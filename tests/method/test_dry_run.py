@@ -43,7 +43,8 @@ def test_steps_switched_off_are_planned_as_off():
     assert all(u.draw == "timm init" and not u.within and u.between == "off"
                for u in plan.units)
     assert [p.stage for p in plan.passes] == ["scan units",
-                                              "find zero-started residual branches"]
+                                              "find zero-started residual branches",
+                                              "output scale (eval mode)"]
     loaded = dry_run(model, (3, 32, 32), RescaleOptions(), fresh={"fc"}, images=8, holdout=0)
     assert {u.name for u in loaded.units if u.within} == {"fc"}
     assert all(u.draw == "kept" for u in loaded.units if u.name != "fc")

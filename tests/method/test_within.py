@@ -11,7 +11,7 @@ from ckptinit.options import RescaleOptions
 from tests.conftest import smooth_images
 from tests.method.nets import unit_stats
 
-WITHIN = dict(between=False, weights="keep", within=True)
+WITHIN = dict(between=False, weights="keep", within=True, head_std=1.0)  # every unit at std 1
 
 
 class TinyCNN(nn.Module):
@@ -82,7 +82,8 @@ def test_plain_cnn_heldout_std_close_to_one():
 def test_head_std_sets_the_output_scale_and_nothing_else():
     torch.manual_seed(0)
     x = smooth_images(96, 32, seed=1)
-    model, _ = rescale(TinyCNN(), x[:64], RescaleOptions(**WITHIN, batch_size=64, head_std=0.25))
+    opts = RescaleOptions(**{**WITHIN, "head_std": 0.25}, batch_size=64)
+    model, _ = rescale(TinyCNN(), x[:64], opts)
     stds = heldout_stds(model, x[64:])
     assert stds["fc2"].median().item() == pytest.approx(0.25, rel=0.2)  # the model's output
     assert stds["fc1"].median().item() == pytest.approx(1.0, abs=0.15)
