@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 
 import torch
@@ -74,10 +75,24 @@ def rescale(
     global random generators are not touched (every draw has its own seeded generator).
     """
     options = (options or RescaleOptions()).check()
-    with on_device(model, options.device) as run:
+    with on_device(model, options.device) as run, _batchnorm_needs_a_batch():
         report = _rescale(model, images, options, run.device, fresh, holdout, progress)
         report.resources = run.resources()
     return model, report
+
+
+@contextmanager
+def _batchnorm_needs_a_batch():
+    """BatchNorm on batch statistics cannot run on one value per channel (a batch of one
+    image reaching a 1x1 map): say which option fixes it, not torch's ValueError."""
+    try:
+        yield
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise UsageError("BatchNorm needs more than one value per channel in a batch, and "
+                         "a batch reached a 1x1 feature map with one image: use "
+                         "--batch-size 2 or more (or a larger --input-size).") from e
 
 
 def _rescale(model, images, options, device, fresh, holdout, progress) -> RunReport:

@@ -32,7 +32,7 @@ class Batches(Protocol):
     @property
     def num_images(self) -> int: ...
 
-    def first(self, n: int | None = None) -> torch.Tensor: ...  # first n (<= one batch)
+    def first(self, n: int | None = None) -> torch.Tensor: ...  # first n (may span batches)
 
 
 BatchesLike = Batches | Sequence[torch.Tensor] | torch.Tensor
@@ -40,12 +40,13 @@ BatchesLike = Batches | Sequence[torch.Tensor] | torch.Tensor
 
 def first_images(batches: Batches | Sequence[torch.Tensor], n: int | None = None
                  ) -> torch.Tensor:
-    """The first `n` images (at most one batch) of a `Batches` or of a list of batches."""
+    """The first `n` images (all there are, if fewer) of a `Batches` or a list of batches."""
     first = getattr(batches, "first", None)
     if callable(first):
         return first(n)
-    x = batches[0]
-    return x if n is None else x[:n]
+    if n is None:
+        return batches[0]
+    return torch.cat(list(batches))[:n] if batches[0].shape[0] < n else batches[0][:n]
 
 
 def count_images(batches: Batches | Sequence[torch.Tensor]) -> int:
@@ -118,10 +119,11 @@ class _Stream:
         return self._finish(self._load(*self._range(i % n), None))
 
     def first(self, n: int | None = None) -> torch.Tensor:
-        """The first `n` images (default: the first batch), for probes and tracing."""
+        """The first `n` images (default: the first batch; all there are if fewer), for
+        probes and tracing: with --batch-size 1 or 2 a probe still gets its images."""
         n = self.batch_size if n is None else int(n)
-        if not 1 <= n <= self.batch_size:
-            raise ValueError(f"first() takes 1..{self.batch_size} images, got {n}")
+        if n < 1:
+            raise ValueError(f"first() takes at least 1 image, got {n}")
         return self._finish(self._load(0, min(n, self._count), None))
 
     def _ring(self) -> list[torch.Tensor | None]:

@@ -199,3 +199,19 @@ def test_unexpected_errors_are_one_line_too(tmp_path, monkeypatch):
     monkeypatch.setattr(ckptinit.pipeline, "rescale_checkpoint", boom)
     err = assert_one_line_error(invoke("rescale", ARCH, "-o", tmp_path / "x.safetensors"))
     assert "RuntimeError: something broke" in err and "CKPTINIT_DEBUG" in err
+
+
+def test_batches_smaller_than_the_probe_work(tmp_path):
+    """The probes (scan, trace) take 4 images; batches of 2 used to crash them."""
+    out = tmp_path / "o.safetensors"
+    result = invoke("rescale", ARCH, "--images", "4", "--holdout", "2", "--batch-size", "2",
+                    "--input-size", "32", "--iters", "1", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    timm.create_model(ARCH, pretrained=False).load_state_dict(load_file(out))
+
+
+def test_a_batch_of_one_on_batchnorm_is_one_line(tmp_path):
+    out = tmp_path / "o.safetensors"
+    err = assert_one_line_error(invoke("rescale", ARCH, "--images", "2", "--holdout", "1",
+                                       "--batch-size", "1", "--input-size", "32", "-o", out))
+    assert "--batch-size 2" in err and not out.exists()

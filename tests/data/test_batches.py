@@ -41,8 +41,10 @@ def test_stream_is_reiterable_and_matches_the_images(model):
             batches[3]
         assert torch.equal(batches.first(2), first[0][:2])
         assert torch.equal(first_images(batches), first[0])
+        assert torch.equal(batches.first(9), torch.cat([first[0], first[1][:1]]))  # spans
+        assert batches.first(99).shape[0] == 20
         with pytest.raises(ValueError):
-            batches.first(9)
+            batches.first(0)
         assert batches.to("cpu") is batches and count_images(batches) == 20
         # stopping early and iterating again is fine
         for _ in batches:
