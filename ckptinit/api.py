@@ -20,7 +20,7 @@ from .device import (
     resolve_device,  # noqa: F401  (public here too: ckptinit.api.resolve_device)
 )
 from .errors import UsageError
-from .method.output_scale import check_output_scale
+from .method.heldout import check_heldout
 from .method.units import scan_units
 from .method.within import normalize_within_
 from .options import (
@@ -145,8 +145,8 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
                      sample)
     else:
         report.notes.append("between-layer step skipped")
-    check_output_scale(model, holdout_batches, report, options.head_std,
-                       drawn=bool(targets) and any(d != "keep" for d in draws.values()))
+    check_heldout(model, scan.units, holdout_batches, report, options.head_std,
+                  drawn=bool(targets) and any(d != "keep" for d in draws.values()))
     if scan.never_called:
         report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
                             f"pass, left as they are: {', '.join(scan.never_called[:5])}")

@@ -27,6 +27,9 @@ class UnitRecord:
     std_before: float | None = None
     mean_after: float | None = None
     std_after: float | None = None
+    # on the held-out images after both steps, eval mode (not the moments the step fitted)
+    mean_heldout: float | None = None
+    std_heldout: float | None = None
     scale: float | None = None  # geometric mean of the per-channel weight scales applied
     dead: int = 0  # channels with (near) zero variance
     status: str = "ok"  # ok | dead | skipped | not called | fallback | pinned | excluded | ...
