@@ -58,7 +58,8 @@ def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.T
     lo, hi = (head_std * r for r in OUTPUT_STD_RANGE)
     if drawn and report.output_std is not None and not lo <= report.output_std <= hi:
         msg = (f"the model's output std on {y.shape[0]} held-out images (eval mode) is "
-               f"{report.output_std:.3g}, outside [{lo:g}, {hi:g}]: the statistics fitted on "
+               f"{report.output_std:.3g}, outside [{lo:g}, {hi:g}] (0.5 to 2 x --head-std): the "
+               "statistics fitted on "
                "the calibration images do not carry over to other images; more, and more "
                "varied, calibration images (--images, --data) usually fix it")
         log.warning(msg[0].upper() + msg[1:] + ".")
