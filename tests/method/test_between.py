@@ -76,16 +76,20 @@ def test_fresh_nets_equal_rates_and_unit_output_scale(name, kwargs, limit):
     timm_init = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     model.load_state_dict(timm_init.state_dict())
-    x = smooth_images(48, 32, seed=3)
-    other = smooth_images(32, 32, seed=8)
-    model, report = rescale(model, x[:32], RescaleOptions(batch_size=32), holdout=x[32:])
+    # 64 px: at 32 px resnet18's last stage runs on 1x1 maps, where the head (std 0.5) and
+    # the last block end "limited" by a BatchNorm's eps (spread 2.0; 1.14 at 64 px)
+    size = kwargs.get("img_size", 64)
+    x = smooth_images(48, size, seed=3)
+    other = smooth_images(32, size, seed=8)
+    options = RescaleOptions(batch_size=32)
+    model, report = rescale(model, x[:32], options, holdout=x[32:])
     assert report.converged
     keys = movable(report)
     assert len(keys) >= 0.8 * len(report.units)  # zero-started branches take part too
     after = rates(model, other, draws=8, seed=12)
     assert spread(after, keys) <= limit
     assert spread(after, keys) < spread(rates(timm_init, other, draws=8, seed=12), keys)
-    assert 0.5 <= float(outputs(model, other).std()) <= 2.0
+    assert 0.5 * options.head_std <= float(outputs(model, other).std()) <= 2 * options.head_std
 
 
 def test_timm_residual_init_keeps_zero_branches_out():
