@@ -96,7 +96,7 @@ def cli_section(models: dict[str, list[str]]) -> dict:
             before, after = Path(tmp) / "before.json", Path(tmp) / "after.json"
             D.log(f"ckptinit measure {name}")
             t_m = cli(["measure", name, *extra, "--seed", "0", "--device", "cpu",
-                       "--json", str(before), "--plot", str(OUT / f"cli_{name}_measure.png"),
+                       "--report", str(before), "--plot", str(OUT / f"cli_{name}_measure.png"),
                        "-q"])
             D.log(f"ckptinit rescale {name}")
             t_r = cli(["rescale", name, *extra, "--seed", "0", "--device", "cpu",
