@@ -31,6 +31,7 @@ from .report import RunReport, UnitRecord
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+HOLDOUT_FALLBACK = 16  # calibration images the held-out checks use when none are held out
 
 
 def _batches(images: BatchesLike, batch_size: int, device: torch.device):
@@ -145,6 +146,11 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
                      sample)
     else:
         report.notes.append("between-layer step skipped")
+    if holdout is None or not len(holdout):  # a check, not a second pass over everything
+        holdout_batches = [first_images(batches, HOLDOUT_FALLBACK)]
+        report.notes.append(f"no held-out images given: output_std and std_heldout are "
+                            f"measured on the first {holdout_batches[0].shape[0]} "
+                            "calibration images")
     check_heldout(model, scan.units, holdout_batches, report, options.head_std,
                   drawn=bool(targets) and any(d != "keep" for d in draws.values()))
     if scan.never_called:

@@ -130,8 +130,9 @@ def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, withi
             note=f"{nb} batch(es) per pass" + (f", at most {MAX_PASSES} passes (stops when no "
                                                f"channel moves by more than --tol)"
                                                if nb > 1 else ", one exact pass")))
-    scale = PassEstimate("output scale (eval mode)", nh, images=bh,
-                         note="held-out images" if holdout else "calibration images")
+    scale = PassEstimate("output scale (eval mode)", nh if holdout else 1,
+                         images=bh if holdout else min(16, b),
+                         note="held-out images" if holdout else "the first calibration images")
     if not options.between:
         return out + [scale]
     out.append(PassEstimate("trace the data flow", traces, images=TRACE_IMAGES))
