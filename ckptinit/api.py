@@ -138,15 +138,15 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
         report.timings["within"] = time.perf_counter() - t
     else:
         report.notes.append("within-layer step skipped")
-    holdout_batches = _batches(holdout, options.batch_size, device) if holdout is not None \
-        and len(holdout) else batches
+    held = holdout is not None and len(holdout) > 0
+    holdout_batches = _batches(holdout, options.batch_size, device) if held else batches
     if options.between:
         with precision(device, tf32=False):  # its function check compares outputs to 1e-4
             _between(model, scan, batches, holdout_batches, report, options, fresh_set, note,
                      sample)
     else:
         report.notes.append("between-layer step skipped")
-    if holdout is None or not len(holdout):  # a check, not a second pass over everything
+    if not held:  # a check, not a second pass over everything
         holdout_batches = [first_images(batches, HOLDOUT_FALLBACK)]
         report.notes.append(f"no held-out images given: output_std and std_heldout are "
                             f"measured on the first {holdout_batches[0].shape[0]} "

@@ -5,16 +5,17 @@ these images, so what they report is not the moments they fitted."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_sum_
 from ..report import RunReport
 from .rates import output_tensors
-from .stats import Moments
-from .units import Unit, removing
-from .within import channel_dim
+from .units import Unit
+from .within import measure_outputs
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +26,17 @@ def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.T
                   report: RunReport, head_std: float, drawn: bool) -> None:
     """Fill each unit's `mean_heldout`/`std_heldout` (channel averages, first call) and the
     report's `output_std`; warn when a fresh net's output scale does not carry over."""
-    names = {u.module: u.name for u in units}
-    moments: dict[str, Moments] = {}
-    seen: set[str] = set()
+    acc: list[torch.Tensor] = []  # images, values, sum, sum of squares of every output
 
-    def hook(module, args, z):
-        name = names[module]
-        if name not in seen:
-            seen.add(name)
-            m = Moments.of(z, channel_dim(module))
-            moments[name] = moments[name] + m if name in moments else m
+    def add(y) -> None:
+        v = torch.cat([t.detach().flatten(1).double() for t in output_tensors(y)], 1)
+        acc.append(torch.stack([v.new_tensor(v.shape[0]), v.new_tensor(v.numel()), v.sum(),
+                                (v * v).sum()]))
 
     was = {m: m.training for m in model.modules()}
     model.eval()
-    ys = []
     try:
-        with torch.no_grad(), removing([u.module.register_forward_hook(hook) for u in units]):
-            for x in holdout:
-                seen.clear()
-                ys.append(torch.cat([t.detach().flatten(1).double()
-                                     for t in output_tensors(model(x))], 1))
+        moments = measure_outputs(model, units, holdout, on_output=add)
     finally:
         for m, t in was.items():
             m.train(t)
@@ -53,11 +45,14 @@ def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.T
         if name in records:
             records[name].mean_heldout = float(m.mean.mean())
             records[name].std_heldout = float(m.std.mean())
-    y = torch.cat(ys)
-    report.output_std = float(y.std()) if y.numel() > 1 else None
+    total = torch.stack(acc).sum(0) if acc else torch.zeros(  # a rank with no batch
+        4, dtype=torch.float64, device=next(model.parameters()).device)
+    all_reduce_sum_([total])  # under torchrun every rank ran its share of the batches
+    images, n, s1, s2 = total.tolist()
+    report.output_std = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) if n > 1 else None
     lo, hi = (head_std * r for r in OUTPUT_STD_RANGE)
     if drawn and report.output_std is not None and not lo <= report.output_std <= hi:
-        msg = (f"the model's output std on {y.shape[0]} held-out images (eval mode) is "
+        msg = (f"the model's output std on {int(images)} held-out images (eval mode) is "
                f"{report.output_std:.3g}, outside [{lo:g}, {hi:g}] (0.5 to 2 x --head-std): the "
                "statistics fitted on "
                "the calibration images do not carry over to other images; more, and more "

@@ -318,8 +318,10 @@ def _unpack(t: torch.Tensor) -> Moments:
     return Moments(float(t[0]), t[1 : 1 + c], t[1 + c :])
 
 
-def measure_outputs(model: nn.Module, units, batches: Iterable[torch.Tensor]) -> dict:
-    """Per-channel output moments of each unit over all batches (first call of each unit).
+def measure_outputs(model: nn.Module, units, batches: Iterable[torch.Tensor],
+                    on_output: Callable | None = None) -> dict:
+    """Per-channel output moments of each unit over all batches (first call of each unit);
+    `on_output` gets the model's output of each batch this rank runs.
 
     Runs in whatever mode the model is in; the caller chooses (calibration mode for fitting,
     eval mode for checking held-out statistics).
@@ -340,7 +342,9 @@ def measure_outputs(model: nn.Module, units, batches: Iterable[torch.Tensor]) ->
     with removing(handles), torch.no_grad():
         for _, batch in shard(batches):
             seen.clear()
-            model(batch)
+            y = model(batch)
+            if on_output is not None:
+                on_output(y)
     if current().world > 1:  # sums over every rank's batches (a rank may have none)
         for u in units:
             if u.name not in moments:
