@@ -91,7 +91,8 @@ class CalibrationSet:
     @property
     def images(self) -> torch.Tensor:
         """All calibration images as one (N, C, H, W) float32 CPU tensor. Memory grows with
-        N: for small sets and tests; the pipeline streams `batches()` instead."""
+        N: for small sets and tests; the pipeline streams `batches()` instead. Under a
+        `Share` a rank lacks the other ranks' images: this raises ValueError there."""
         records = self.spool.read(0, self.spool.count)
         x = torch.from_numpy(records)
         return self.normalizer(x) if x.dtype == torch.uint8 else x

@@ -9,8 +9,10 @@ candidates, and skips shift it, so the ranks agree on the skips window by window
 rank decodes the positions of the window whose index it would hold if the window had no
 skip, the ranks sum who decoded and who skipped each position (one all-reduce), and every
 rank then knows the index of every usable candidate; the few images that a skip moved onto
-a rank that did not decode them are decoded there. Every rank thus ends with the candidates,
-skips and indices of one process, and its batch b holds exactly one process's batch b.
+a rank that did not decode them are decoded there (a window is N batches: a skip moves at
+most one image per batch boundary after it, so it costs at most N more decodes). Every
+rank thus ends with the candidates, skips and indices of one process, and its batch b
+holds exactly one process's batch b.
 
 Streamed datasets (Hub ids, arrow and webdataset shards) are split the same way, by
 position in the one seeded stream that every rank iterates, not by
