@@ -77,6 +77,11 @@ def current() -> Ranks:
     return _current
 
 
+def collective_device() -> torch.device:
+    """Where tensors given to the collectives must be (NCCL: this rank's GPU; else the CPU)."""
+    return _device
+
+
 def env_ranks() -> Ranks:
     """RANK and WORLD_SIZE as torchrun sets them (rank 0 of 1 when unset); no torch call."""
     try:

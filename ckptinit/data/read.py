@@ -139,7 +139,7 @@ def read_sharded(source: Source, prep: Preprocess, need: int, share: Share, work
     kept payloads on every rank, but `put` (in index order) only for the images this rank
     holds, each decoded here once (twice where a skip moved it). Collective: every rank
     calls it together; a failure on one rank stops them all (`together`)."""
-    from ..distributed import all_reduce_sum_, current, together
+    from ..distributed import all_reduce_sum_, collective_device, current, together
 
     ranks = current()
     read = Read([], [], 0, common=min(share.prefix, share.images))
@@ -158,7 +158,9 @@ def read_sharded(source: Source, prep: Preprocess, need: int, share: Share, work
             counts[j] += 1
             counts[width + j] += isinstance(result, Skip)
         counts[2 * width + ranks.rank] = len(window)
+        counts = counts.to(collective_device())  # NCCL reduces GPU tensors only
         all_reduce_sum_([counts])
+        counts = counts.cpu()
         with together():
             skip = _agree(counts, width, len(window), ranks.world)
             _place(read, window, results, skip, share, prep, workers, put, keep_heavy)
