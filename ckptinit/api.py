@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 HOLDOUT_FALLBACK = 16  # calibration images the held-out checks use when none are held out
+SAMPLE_IMAGES = 4  # the first images: unit scan, tracing, residual branches (every rank)
 
 
 def _batches(images: BatchesLike, batch_size: int, device: torch.device):
@@ -100,7 +101,7 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
     note = progress or (lambda msg: None)
     t0 = time.perf_counter()
     batches = _batches(images, options.batch_size, device)
-    sample = first_images(batches, 4)
+    sample = first_images(batches, SAMPLE_IMAGES)
     scan = scan_units(model, sample[:2])
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
     report, records = _new_report("rescale", options, scan)
@@ -247,7 +248,7 @@ def _measure(model, images, options, device, fresh) -> RunReport:
 
     t0 = time.perf_counter()
     batches = _batches(images, options.batch_size, device)
-    sample = first_images(batches, 4)
+    sample = first_images(batches, SAMPLE_IMAGES)
     scan = scan_units(model, sample[:2])
     report, records = _new_report("measure", options, scan)
     with calibration_mode(model):

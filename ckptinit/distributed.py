@@ -1,14 +1,15 @@
 """Several processes on one calibration set (`torchrun --nproc-per-node N -m ckptinit ...`).
 
-Every rank reads the same seeded calibration images (so every rank holds the first batch,
-the probes and the hold-out images) and takes every N-th batch of the same batch sequence:
-rank r owns batches r, r + N, ... (`shard`), so the shards together are exactly the batches
-of one process. The statistics are sums and are all-reduced (`all_reduce_sum_`) before
-anything is derived from them; every rank then computes the same weights, and rank 0
-writes the outputs. The within-layer step rewrites units batch after batch, so its
-batches are relayed (`Relay`): each rank sends the moments it measured on a unit to the
-others, which replay them in batch order before the unit's next forward. The result equals
-one process up to the order of float summation.
+Every rank takes every N-th batch of the same seeded batch sequence: rank r owns batches
+r, r + N, ... (`shard`), so the shards together are exactly the batches of one process.
+It decodes only the images it uses (data/read.py: those of its batches and gradient draws,
+`draw_batches`; the first images and the hold-out ones, which every rank uses). The
+statistics are sums and are all-reduced (`all_reduce_sum_`) before anything is derived
+from them; every rank then computes the same weights, and rank 0 writes the outputs. The
+within-layer step rewrites units batch after batch, so its batches are relayed (`Relay`):
+each rank sends the moments it measured on a unit to the others, which replay them in
+batch order before the unit's next forward. The result equals one process up to the order
+of float summation.
 
 Backends: gloo for the CPU, NCCL for CUDA (one GPU per rank, from LOCAL_RANK). A rank that
 fails exits; with gloo the others see their connection close at once, stop without a
@@ -76,6 +77,11 @@ def current() -> Ranks:
     return _current
 
 
+def collective_device() -> torch.device:
+    """Where tensors given to the collectives must be (NCCL: this rank's GPU; else the CPU)."""
+    return _device
+
+
 def env_ranks() -> Ranks:
     """RANK and WORLD_SIZE as torchrun sets them (rank 0 of 1 when unset); no torch call."""
     try:
@@ -131,7 +137,10 @@ def together() -> Iterator[None]:
     """A stage that every rank runs through: when it fails on any rank, every rank stops
     there; the lowest failing rank raises its error, the others `PeerLost` (no message), so
     that a failure every rank meets (a missing folder) is reported once. Only for stages
-    with no collective inside, which a failing rank would leave the others waiting in."""
+    with no collective inside, which a failing rank would leave the others waiting in,
+    or whose collectives are each preceded by a `together` of their own (the data stage):
+    a `PeerLost` from such an inner one counts as no failure of this rank, so the rank
+    that failed is still the one that reports."""
     if _current.world == 1:
         yield
         return
@@ -141,10 +150,10 @@ def together() -> Iterator[None]:
     except Exception as e:  # Ctrl-C and SIGTERM leave at once
         error = e
     failed = torch.zeros(_current.world, dtype=torch.float64, device=_device)
-    failed[_current.rank] = float(error is not None)
+    failed[_current.rank] = float(error is not None and not isinstance(error, PeerLost))
     all_reduce_sum_([failed])
     ranks = failed.nonzero().flatten().tolist()
-    if error is not None and ranks[0] == _current.rank:
+    if error is not None and (not ranks or ranks[0] == _current.rank):
         raise error
     if ranks:
         raise PeerLost(f"rank {ranks[0]} failed.") from error
@@ -231,6 +240,14 @@ def shard(batches) -> Iterator[tuple[int, torch.Tensor]]:
     else:
         for i in owned:
             yield i, batches[i]
+
+
+def draw_batches(draws: int, num_batches: int) -> dict[int, int]:
+    """The gradient draws this rank makes (draw j: rank j % N), each with the batch it
+    uses (j modulo the batches used): `rates.estimate_rates` reads them, and the data
+    stage reads their images on this rank."""
+    used = max(1, min(draws, num_batches))
+    return {j: j % used for j in range(draws) if j % _current.world == _current.rank}
 
 
 def reduce_batchnorm_(bns: Iterable[torch.nn.Module]) -> None:

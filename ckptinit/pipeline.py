@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .api import measure, rescale
+from .api import SAMPLE_IMAGES, measure, rescale
 from .device import peak_rss_bytes, resolve_device
 from .method.units import is_unit
 from .options import CalibrationOptions, PublishOptions, RescaleOptions, SourceOptions
 from .report import RunReport
+
+log = logging.getLogger(__name__)
 
 
 def _load_seeded(source: str, options: SourceOptions | None, seed: int):
@@ -77,7 +80,8 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
         loaded.model.to(device)
         t1 = time.perf_counter()
         calib = load_calibration(
-            loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t)
+            loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t),
+            share=_share(options, calib_options, ranks),
         )
         t2 = time.perf_counter()
     with calib:
@@ -94,7 +98,10 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
     report.notes[:0] = list(calib.info.notes) + list(loaded.notes)
     if ranks.world > 1:
         report.notes.append(f"{ranks.world} processes (torchrun), each on every "
-                            f"{ranks.world}th batch; the resources are rank 0's")
+                            f"{ranks.world}th batch, "
+                            + ("decoding only their images" if calib.common is not None else
+                               "each decoding every image (no --holdout)")
+                            + "; the resources are rank 0's")
     report.method, report.command_line = describe_method(report), publish.command_line
     if not ranks.main:  # rank 0 writes; every rank has the same weights and report
         return report
@@ -114,6 +121,29 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
                           pipeline=time.perf_counter() - t0)
     report.resources["peak_rss_bytes"] = peak_rss_bytes()
     return report
+
+
+def _share(options: RescaleOptions, calib_options: CalibrationOptions, ranks):
+    """The calibration images this rank decodes under torchrun: those of the batches it
+    runs (its every N-th batch, the batches of its gradient draws), the first ones and the
+    holdout. Without a holdout the function check runs on every calibration batch on
+    every rank, so every rank reads every image (None, as alone)."""
+    from .data.read import Share
+    from .distributed import draw_batches
+
+    size = options.batch_size
+    if ranks.world == 1 or size < 1 or calib_options.images < 1:
+        return None  # alone, or options that the method refuses with its own message
+    if calib_options.holdout == 0:
+        log.info("Every rank reads every calibration image: without --holdout the checks "
+                 "run on all of them")
+        return None
+    count = -(-calib_options.images // size)
+    batches = set(range(ranks.rank, count, ranks.world))
+    if options.between:  # the batches of this rank's gradient draws
+        batches |= set(draw_batches(options.grad_batches, count).values())
+    return Share(batch_size=size, batches=frozenset(batches), prefix=SAMPLE_IMAGES,
+                 images=calib_options.images, window=ranks.world * size)
 
 
 def _same_images(calib, ranks) -> None:

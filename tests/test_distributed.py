@@ -1,10 +1,12 @@
 """Several processes (torchrun, gloo on the CPU): the same checkpoint as one process on the
-same images, rank 0 alone reports and writes, and a failing rank stops every rank with one
-message."""
+same images, each rank decoding only its share of them, rank 0 alone reports and writes,
+and a failing rank stops every rank with one message."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,13 +17,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ckptinit.data.readers import open_source
+from ckptinit.options import CalibrationOptions
 from tests.cli.helpers import ARCH, invoke
-from tests.data.helpers import photo
+from tests.data.helpers import photo, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 # 5 batches of 4 (three on rank 0, two on rank 1), three gradient draws (two on rank 0)
 ARGS = ["--device", "cpu", "--input-size", "32", "--images", "20", "--holdout", "4",
         "--batch-size", "4", "--grad-batches", "3"]
+# 9 batches of 4 (five on rank 0, four on rank 1) and 2 held-out images: a rank decodes
+# the images of its batches (and of its gradient draws), the first 4 and the holdout
+SHARD_ARGS = ["--device", "cpu", "--input-size", "32", "--images", "36", "--holdout", "2",
+              "--batch-size", "4", "--grad-batches", "3"]
 RTOL = 1e-5
 
 
@@ -112,6 +120,19 @@ def test_a_failing_rank_stops_every_rank_with_one_message(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_rank_failing_while_it_reads_its_images_is_the_one_that_reports(tmp_path):
+    """The data stage's collectives sit inside the pipeline's `together`: the failing rank,
+    not the first one, must still print the message."""
+    out = tmp_path / "out.safetensors"
+    proc, seconds = torchrun(2, "full-disk", "rescale", ARCH, *ARGS, "-o", out,
+                             module="tests.distributed_child", timeout=120)
+    assert proc.returncode == 1
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("Error: rank 1 of 2: Cannot write the calibration spool"), lines
+    assert not out.exists()
+
+
 def test_an_error_every_rank_meets_is_reported_once(tmp_path):
     proc, seconds = torchrun(2, "rescale", ARCH, *ARGS, "--data", tmp_path / "missing",
                              "-o", tmp_path / "out.safetensors", timeout=120)
@@ -136,3 +157,84 @@ def test_ranks_that_read_other_images_refuse(tmp_path):
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("Error: rank 1 of 2: Rank 1 read other calibration images"), lines
     assert not out.exists()
+
+
+def counted_opens(monkeypatch) -> list[str]:
+    """Every image this process opens from now on (PIL's Image.open), as in
+    tests/distributed_child.py's count mode."""
+    from PIL import Image
+
+    real, opened = Image.open, []
+
+    def counting(fp, *args, **kwargs):
+        opened.append(str(fp) if isinstance(fp, (str, os.PathLike)) else "<bytes>")
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting)
+    return opened
+
+
+def rank_opens(folder: Path) -> list[list[str]]:
+    return [(folder / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+
+
+def run_both(tmp_path: Path, monkeypatch, args: list) -> tuple[list[str], list[list[str]]]:
+    """One process in this one, then two under torchrun (counting the images each opens):
+    the same checkpoint, header and data report."""
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    opened = counted_opens(monkeypatch)
+    result = invoke("rescale", ARCH, *args, "-o", one, "--report", tmp_path / "one.json")
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    proc, _ = torchrun(2, f"count={counts}", "rescale", ARCH, *args, "-o", two,
+                       "--report", tmp_path / "two.json", module="tests.distributed_child")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_checkpoint(one, two)
+    alone, split = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert alone["data"] == split["data"]  # counts, skips, notes: those of one process
+    assert any("decoding only their images" in note for note in split["notes"])
+    return opened, rank_opens(counts)
+
+
+def test_two_processes_decode_their_share_of_a_folder_with_corrupt_images(tmp_path,
+                                                                         monkeypatch):
+    """Corrupt images early in the reading order shift every later image's index (and
+    batch), so the ranks must agree on the skips to put each image where one process does."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(44):
+        photo(i, size=(40, 36)).save(data / f"{i:02d}.png")
+    order = [c.label for c in open_source(CalibrationOptions(data=str(data)), 44).candidates]
+    for k in (1, 6, 17):  # the 2nd, 7th and 18th image read
+        (data / order[k]).write_bytes(b"not an image")
+    opened, ranks = run_both(tmp_path, monkeypatch, [*SHARD_ARGS, "--data", data])
+    read = order[:41]  # 38 usable, 3 skipped
+    assert set(read) <= {Path(p).name for p in opened}  # (one process decodes a few ahead)
+    per_rank = [[Path(p).name for p in r if Path(p).parent == data] for r in ranks]
+    assert set(per_rank[0]) | set(per_rank[1]) == set(read)  # every image, on some rank
+    for decoded in per_rank:  # each rank: about half of one process's 41
+        assert len(decoded) <= 0.7 * len(read), (len(decoded), len(read))
+
+
+def test_two_processes_split_a_streamed_dataset_by_position(tmp_path, monkeypatch):
+    """An arrow shard is streamed like a Hub dataset (shuffle buffer, take): the ranks
+    iterate the same stream and each decodes its positions."""
+    import datasets
+
+    rows = [{"bytes": png_bytes(photo(i, size=(40, 36))), "path": None} for i in range(30)]
+    for k in (2, 11):
+        rows[k] = {"bytes": b"not an image", "path": None}
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"image": rows}).cast_column(
+        "image", datasets.Image()).save_to_disk(str(saved))
+    shard = tmp_path / "data.arrow"
+    shutil.copy(next(saved.glob("*.arrow")), shard)
+    _, ranks = run_both(tmp_path, monkeypatch, [*ARGS, "--data", shard])
+    alone = json.loads((tmp_path / "one.json").read_text())["data"]
+    assert alone["skipped"] == 2 and alone["kind"] == "arrow"
+    read = alone["num_images"] + alone["num_holdout"] + alone["skipped"]
+    assert sum(map(len, ranks)) >= read  # every image, on some rank
+    for decoded in ranks:  # each: its 8 or 12 images, the first 4 and the 4 held out
+        assert len(decoded) <= 0.75 * read, (len(decoded), read)

@@ -4,8 +4,9 @@ Sources, tried in order: the shipped sample photos (`samples`), an existing loca
 (image folder, a folder of parquet/arrow/webdataset shards, a `save_to_disk` folder, or
 one such file), else a Hugging Face Hub dataset id, streamed (readers/). Distinct images
 are picked by a seeded shuffle; when there are too few, seeded random crops and flips fill
-the rest (transforms.py). Decoding and preprocessing run in a thread pool (decode.py; PIL
-releases the GIL), straight into an on-disk spool (spool.py) that the method's passes read
+the rest (transforms.py). Decoding and preprocessing run in a thread pool (read.py,
+decode.py; PIL releases the GIL; under torchrun each rank decodes only its share),
+straight into an on-disk spool (spool.py) that the method's passes read
 back as batches (batches.py), so memory stays flat in --images; the result does not
 depend on the number of workers. Library code: logs, never prints.
 """
@@ -16,20 +17,20 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._helpers import count, jsonable, one_line
+from .._helpers import count, jsonable
 from ..errors import DataError, UsageError
 from ..options import CalibrationOptions
 from ..output.metadata import data_fields
 from .batches import SpoolBatches
 from .decode import decode, imap_ordered
+from .read import Share, read_distinct, read_sharded
 from .readers import Candidate, Skip, Source, check_source, open_source
 from .spool import ImageSpool
 from .transforms import PixelNormalizer, Preprocess, resolve_data_config
@@ -80,6 +81,8 @@ class CalibrationSet:
     normalizer: PixelNormalizer  # uint8 records -> the float32 images the model reads
     holdout: torch.Tensor  # (M, C, H, W) float32 on the CPU; distinct from the images where
     info: CalibrationInfo  # the data allows
+    common: int | None = None  # under torchrun: the leading records every rank holds
+    labels: bytes = b""  # under torchrun: a digest of every image's label and size, in order
 
     @property
     def num_images(self) -> int:
@@ -88,7 +91,8 @@ class CalibrationSet:
     @property
     def images(self) -> torch.Tensor:
         """All calibration images as one (N, C, H, W) float32 CPU tensor. Memory grows with
-        N: for small sets and tests; the pipeline streams `batches()` instead."""
+        N: for small sets and tests; the pipeline streams `batches()` instead. Under a
+        `Share` a rank lacks the other ranks' images: this raises ValueError there."""
         records = self.spool.read(0, self.spool.count)
         x = torch.from_numpy(records)
         return self.normalizer(x) if x.dtype == torch.uint8 else x
@@ -98,11 +102,13 @@ class CalibrationSet:
         return SpoolBatches(self.spool, batch_size, device, self.normalizer)
 
     def fingerprint(self) -> bytes:
-        """A digest of every image's pixels (calibration and holdout), in order: processes
-        of one run compare it to know that they read the same images."""
-        digest = hashlib.blake2b(digest_size=32)
-        for start in range(0, self.spool.count, 64):
-            digest.update(self.spool.read(start, min(start + 64, self.spool.count)).tobytes())
+        """A digest of the pixels every rank holds (all images, or under a `Share` the first
+        ones and the holdout) and of every image's label and size, in order: processes of
+        one run compare it to know that they read the same images."""
+        digest = hashlib.blake2b(self.labels, digest_size=32)
+        held = self.spool.count if self.common is None else self.common
+        for start in range(0, held, 64):
+            digest.update(self.spool.read(start, min(start + 64, held)).tobytes())
         digest.update(self.holdout.numpy().tobytes())
         return digest.digest()
 
@@ -121,13 +127,16 @@ def load_calibration(
     model: nn.Module,
     options: CalibrationOptions,
     progress: ProgressFn | None = None,
+    share: Share | None = None,
 ) -> CalibrationSet:
     """Read, select and preprocess `options.images` + `options.holdout` images for `model`.
 
     Decoding runs in a thread pool and streams into the spool: memory does not grow with
     `options.images`. Same options -> identical images, whatever the number of workers.
-    Raises DataError (one line) for every expected data failure, UsageError for bad
-    option values.
+    With a `share` (under torchrun; every rank calls it together) this rank decodes and
+    spools only the images the share holds, at the indices one process gives them; its
+    batches outside the share cannot be read. Raises DataError (one line) for every
+    expected data failure, UsageError for bad option values.
     """
     _validate(options)
     cfg = resolve_data_config(model, options)
@@ -142,14 +151,15 @@ def load_calibration(
     report(0, need)
     spool = ImageSpool(options.images, prep.record_shape, prep.record_dtype)
     try:
-        return _fill(spool, source, prep, cfg, options, workers, report)
+        return _fill(spool, source, prep, cfg, options, workers, report, share)
     except BaseException:
         spool.close()
         raise
 
 
 def _fill(spool: ImageSpool, source: Source, prep: Preprocess, cfg: dict,
-          options: CalibrationOptions, workers: int, report: ProgressFn) -> CalibrationSet:
+          options: CalibrationOptions, workers: int, report: ProgressFn,
+          share: Share | None) -> CalibrationSet:
     n_img, n_hold = options.images, options.holdout
     need = n_img + n_hold
     hold_records: list[np.ndarray] = []
@@ -160,7 +170,14 @@ def _fill(spool: ImageSpool, source: Source, prep: Preprocess, cfg: dict,
         else:
             hold_records.append(record)
 
-    read = _read_distinct(source, prep, need, workers, report, put, keep_heavy=n_img)
+    if share is None:
+        read = read_distinct(source, prep, need, workers, report, put, keep_heavy=n_img)
+    else:
+        read = read_sharded(source, prep, need, share, workers, report, put, keep_heavy=n_img)
+        log.info("Calibration data: this rank decoded %d of the %d images read (the images of "
+                 "its batches, the first %d and the holdout)", read.decoded, read.tried,
+                 read.common)
+    holds = share.holds if share is not None else (lambda index: True)
     if not read.distinct:
         raise DataError(_nothing_usable(source, read.tried, read.skipped))
     distinct = len(read.distinct)
@@ -179,11 +196,12 @@ def _fill(spool: ImageSpool, source: Source, prep: Preprocess, cfg: dict,
         done += k
         report(done, need)
 
-    _make_crops(calib, calib_missing, prep, options.seed, "calibration", workers, tick,
+    slots = [s for s in range(max(0, calib_missing)) if holds(len(calib) + s)]
+    _make_crops(calib, slots, prep, options.seed, "calibration", workers, tick,
                 lambda slot, record: spool.write(len(calib) + slot, record))
     hold_crops: list[np.ndarray | None] = [None] * max(0, hold_missing)
-    _make_crops(hold_pool, hold_missing, prep, options.seed, "holdout", workers, tick,
-                hold_crops.__setitem__)
+    _make_crops(hold_pool, range(max(0, hold_missing)), prep, options.seed, "holdout",
+                workers, tick, hold_crops.__setitem__)
     records = hold_records + [r for r in hold_crops if r is not None]
     holdout = (prep.to_tensor(np.stack(records)) if records
                else torch.empty((0, *prep.record_shape), dtype=torch.float32))
@@ -217,7 +235,8 @@ def _fill(spool: ImageSpool, source: Source, prep: Preprocess, cfg: dict,
     )
     for note in notes:
         log.info("Calibration data: %s", note)
-    return CalibrationSet(spool=spool, normalizer=prep.normalizer, holdout=holdout, info=info)
+    return CalibrationSet(spool=spool, normalizer=prep.normalizer, holdout=holdout, info=info,
+                          common=read.common, labels=read.labels)
 
 
 def check_data(options: CalibrationOptions) -> None:
@@ -225,56 +244,6 @@ def check_data(options: CalibrationOptions) -> None:
     bad options, a missing folder, a Hub dataset while the Hub is off."""
     _validate(options)
     check_source(options.data)
-
-
-def _load_one(candidate: Candidate, prep: Preprocess) -> np.ndarray | Skip:
-    try:
-        image = decode(candidate.payload, prep.mode)
-    except Exception as e:  # a broken image is data, not a bug: skip it and count it
-        return Skip(candidate.label, f"{type(e).__name__}: {one_line(e, 200, tidy=False)}")
-    return prep.record(image)
-
-
-@dataclass
-class _Read:
-    distinct: list[Candidate]  # in order; payload None where it was too big to keep
-    skipped: list[Skip]
-    tried: int
-
-
-def _read_distinct(source: Source, prep: Preprocess, need: int, workers: int,
-                   report: ProgressFn, put: Callable[[int, np.ndarray], None],
-                   keep_heavy: int) -> _Read:
-    """Decode candidates in order until `need` usable images, handing each record to `put`
-    with its index; skips are counted in order. Of the first `keep_heavy` candidates only
-    cheap payloads (paths) are kept, for crops; in-memory ones (bytes) are dropped."""
-    read = _Read([], [], 0)
-    results = imap_ordered(lambda c: _load_one(c, prep), source.candidates, workers)
-    try:
-        for candidate, result in results:
-            read.tried += 1
-            if isinstance(result, Skip):
-                read.skipped.append(result)
-                level = logging.WARNING if len(read.skipped) <= 5 else logging.DEBUG
-                log.log(level, "Skipped undecodable image %s (%s)", result.label, result.reason)
-                continue
-            index = len(read.distinct)
-            put(index, result)
-            if index < keep_heavy and not _cheap(candidate.payload):
-                candidate = Candidate(candidate.label, None)
-            read.distinct.append(candidate)
-            report(len(read.distinct), need)
-            if len(read.distinct) == need:
-                break
-    finally:
-        results.close()
-    return read
-
-
-def _cheap(payload: Any) -> bool:
-    if isinstance(payload, dict):
-        return not payload.get("bytes") and isinstance(payload.get("path"), (str, os.PathLike))
-    return isinstance(payload, (str, os.PathLike))
 
 
 def _refetch(options: CalibrationOptions, need: int, kept: list[Candidate]) -> list[Candidate]:
@@ -293,15 +262,13 @@ def _refetch(options: CalibrationOptions, need: int, kept: list[Candidate]) -> l
     return [found.get(c.label, c) if c.payload is None else c for c in kept]
 
 
-def _make_crops(pool: list[Candidate], count: int, prep: Preprocess, seed: int, stream: str,
-                workers: int, tick: Callable[[int], None],
+def _make_crops(pool: list[Candidate], slots: Iterable[int], prep: Preprocess, seed: int,
+                stream: str, workers: int, tick: Callable[[int], None],
                 put: Callable[[int, np.ndarray], None]) -> None:
-    """`count` seeded crops, slot j from pool[j % len(pool)], each handed to `put` as it is
-    made (in the workers); one decode per source image."""
-    if count <= 0:
-        return
+    """The seeded crops of `slots`, slot j from pool[j % len(pool)], each handed to `put` as
+    it is made (in the workers); one decode per source image."""
     by_source: dict[int, list[int]] = {}
-    for slot in range(count):
+    for slot in slots:
         by_source.setdefault(slot % len(pool), []).append(slot)
 
     def job(item: tuple[int, list[int]]) -> int:

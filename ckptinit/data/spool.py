@@ -29,7 +29,9 @@ class ImageSpool:
 
     `write` may be called from several threads at once (each record is its own byte
     range); `read` fills consecutive records into a caller's buffer (for example pinned
-    memory). Close it when done (it is also closed when collected and at exit).
+    memory) and refuses records never written (under torchrun a rank writes only the
+    images it holds: reading another one is a bug, not zeros). Close it when done (it is
+    also closed when collected and at exit).
     """
 
     def __init__(self, count: int, shape: tuple[int, ...], dtype: np.dtype | str,
@@ -47,6 +49,7 @@ class ImageSpool:
         self.path = path
         self._fd = fd
         self._lock = threading.Lock()  # only for systems without pread/pwrite
+        self._written = np.zeros(self.count, dtype=bool)
         self._close = weakref.finalize(self, _release, fd, left)
         try:
             os.ftruncate(fd, self.count * self.record_bytes)  # sparse: no space used yet
@@ -82,6 +85,7 @@ class ImageSpool:
                 data, offset = data[done:], offset + done
         except OSError as e:
             raise _disk_error(e, self.nbytes) from None
+        self._written[index] = True
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Records [start, stop) as one (stop - start, *shape) array, into `out` if given."""
@@ -90,6 +94,10 @@ class ImageSpool:
                              "CalibrationSet's `with` block)")
         if not 0 <= start <= stop <= self.count:
             raise IndexError(f"spool records [{start}, {stop}) out of range 0..{self.count}")
+        if not self._written[start:stop].all():
+            missing = start + int(np.argmin(self._written[start:stop]))
+            raise ValueError(f"spool record {missing} was never written (under torchrun a "
+                             "rank holds only the images of its own batches)")
         if out is None:
             out = np.empty((stop - start, *self.shape), dtype=self.dtype)
         if out.shape != (stop - start, *self.shape) or out.dtype != self.dtype \

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..distributed import all_reduce_sum_, current
+from ..distributed import all_reduce_sum_, current, draw_batches
 from .units import Unit, calibration_mode
 
 Key = tuple[str, int]  # (unit name, slice)
@@ -77,19 +77,18 @@ def estimate_rates(
     acc = {u.name: torch.zeros(slices.get(u.name, 1), dtype=torch.float64, device=device)
            for u in units}
     requires = [w.requires_grad for w in weights]
-    ranks = current()
     used = max(1, min(draws, len(batches)))
-    mine = [j for j in range(draws) if j % ranks.world == ranks.rank]  # draw j: rank j % N
-    if ranks.world == 1:
+    mine = draw_batches(draws, len(batches))  # draw j -> its batch (draw j: rank j % N)
+    if current().world == 1:
         take = list(itertools.islice(iter(batches), used))
     else:  # only the batches this rank's draws use
-        take = {i: batches[i] for i in sorted({j % used for j in mine})}
+        take = {i: batches[i] for i in sorted(set(mine.values()))}
     try:
         with calibration_mode(model):
             for w in weights:
                 w.requires_grad_(True)
-            for j in mine:
-                ys = output_tensors(model(take[j % used]))
+            for j, b in mine.items():
+                ys = output_tensors(model(take[b]))
                 gen = torch.Generator(device=ys[0].device).manual_seed(seed * 1000003 + j)
                 loss = sum(((torch.randint(0, 2, y.shape, generator=gen, device=y.device)
                              .to(y.dtype) * 2 - 1) * y).sum() for y in ys)

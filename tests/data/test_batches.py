@@ -9,6 +9,7 @@ import torch
 
 from ckptinit.data import calibration as calibration_module
 from ckptinit.data import load_calibration, samples_dir
+from ckptinit.data import read as read_module
 from ckptinit.data import transforms as transforms_module
 from ckptinit.data.batches import (
     SpoolBatches,
@@ -111,7 +112,7 @@ def test_dropped_payloads_are_read_again_for_crops(model, tmp_path, monkeypatch)
     with load_calibration(model, options) as cs:
         images, holdout, info = cs.images, cs.holdout, cs.info
     assert refetched and info.augmented == 6 and info.distinct_sources == 5
-    monkeypatch.setattr(calibration_module, "_cheap", lambda payload: True)  # keep them all
+    monkeypatch.setattr(read_module, "cheap", lambda payload: True)  # keep them all
     with load_calibration(model, options) as kept:
         assert torch.equal(kept.images, images) and torch.equal(kept.holdout, holdout)
     assert len(refetched) == 1

@@ -70,3 +70,17 @@ def test_full_disk_is_a_one_line_data_error(monkeypatch):
     text = str(err.value)
     assert "\n" not in text and "TMPDIR" in text and "--images" in text
     spool.close()
+
+
+def test_records_never_written_cannot_be_read():
+    """Under torchrun a rank writes only the images it holds: reading another one is a bug
+    that must not come back as zeros."""
+    with_gap = ImageSpool(4, (2, 3), np.uint8)
+    try:
+        for i in (0, 1, 3):
+            with_gap.write(i, np.full((2, 3), i, np.uint8))
+        assert with_gap.read(0, 2)[1].max() == 1 and with_gap.read(3, 4)[0].max() == 3
+        with pytest.raises(ValueError, match="record 2 was never written"):
+            with_gap.read(1, 4)
+    finally:
+        with_gap.close()
