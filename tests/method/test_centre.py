@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ckptinit.api import rescale
+from ckptinit.method.centre import recentre
 from ckptinit.options import RescaleOptions
 from tests.conftest import smooth_images
 from tests.method.nets import (
@@ -127,3 +128,23 @@ def test_units_held_by_a_norms_eps_do_not_push_the_others_out():
     worse = {k: (round(dev_b[k], 3), round(dev_a[k], 3)) for k in keys
              if dev_a[k] > dev_b[k] + 0.05}
     assert not worse, worse
+
+
+def test_recentre_keeps_held_units_within_their_start_distance():
+    """Held units at +2, +1.5, +1 and -1 (the mean at 0 before): free units on a common
+    target drag the mean up and leave the -1 one further out; the target found keeps it."""
+    held = {("h", i): v for i, v in enumerate([2.0, 1.5, 1.0, -1.0])}
+    free = {("f", i): v for i, v in enumerate([0.6, -0.4, -0.8, 0.02, 0.3, -0.3])}
+    start = {**held, **free}
+    m0 = sum(start.values()) / len(start)
+    slack = {k: max(abs(v - m0), 0.01) for k, v in start.items()}
+    keys = list(start)
+    ends = {**held, **{k: 0.2 for k in free}}  # free units landed on the target 0.2
+    mean = sum(ends.values()) / len(ends)
+    assert abs(ends[("h", 3)] - mean) > slack[("h", 3)]  # the case: it would end further
+    target, centre = recentre(ends, keys, set(held), keys, slack)
+    final = dict(held)
+    for k in free:  # free units on the new target, held back at their own slack
+        final[k] = min(max(target, centre - slack[k]), centre + slack[k])
+    assert abs(sum(final.values()) / len(final) - centre) < 1e-6
+    assert all(abs(final[k] - centre) <= slack[k] + 1e-4 for k in keys)  # a grid search
