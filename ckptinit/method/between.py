@@ -5,12 +5,14 @@ A unit's change rate is C = ||dL/dW|| / ||W|| under a label-free random linear l
 under them log C responds exactly (-2 per log-scale of the unit's weight), so the update is
 solved, not iterated blindly: a bounded least-squares fit of a common target (solve.py),
 which lands in one round. Anchors no move breaks: the model's output (hence its scale),
-every norm's eps, the attention temperature (q/k slices are only balanced), and no unit
-ends further from the mean than it started (on a fresh net q/k slices may: their rates
-follow the stream's scale, which the attention temperature ties them to). Fresh GELU/SiLU
-pairs move approximately (the second unit is re-normalised to keep its statistics) and take
-a few rounds; so do units released by --allow-function-change. The outputs are compared
-before and after on held-out images in float64, and exact moves must leave them unchanged.
+every norm's eps, the attention temperature and other fixed rate products (such pairs are
+only balanced), and no unit ends further from the mean of the final rates than it started
+(centre.py moves the target where held-back units would drag that mean; on a fresh net q/k
+slices may end further: their rates follow the stream's scale, which the attention
+temperature ties them to). Fresh GELU/SiLU pairs move approximately (the second unit is
+re-normalised to keep its statistics) and take a few rounds; so do units released by
+--allow-function-change. The outputs are compared before and after on held-out images in
+float64, and exact moves must leave them unchanged.
 """
 
 from __future__ import annotations
@@ -328,5 +330,6 @@ def _status(plan, key, values, target, tol, excluded, tied) -> tuple[str, str | 
         text = plan.compensation.get(key[0], "")
         if text.startswith("moves only with"):
             return "tied", text
-        return "limited", "held back by a norm's eps, the scale cap, or another unit's anchor"
+        return "limited", ("held back by a norm's eps, the scale cap, another unit's anchor, "
+                           "or the others' distance from the mean")
     return "not converged", None

@@ -1,10 +1,12 @@
 """What the between-layer step may move, and how: a Plan built on the scale graph.
 
 A unit slice is *pinned* when no function-preserving move reaches its scale (a squeeze-
-excite gate, a head between an activation and the output), *balanced* when only its ratio
-to a partner can move (the q and k slices of attention: their product is the attention
-temperature), and movable otherwise. Moves are applied as one vector of log-scales over
-parameters and BatchNorm statistics (`apply_scales_`), exact in eval mode too.
+excite gate, a head between an activation and the output), *balanced* when only its ratio to
+a partner can move (the q and k slices of attention: their product is the attention
+temperature; the reduce/expand convs of a squeeze-excite gate behind a hard-swish: the
+product of their rates is fixed), and movable otherwise. Moves are applied as one vector of
+log-scales over parameters and BatchNorm statistics (`apply_scales_`), exact in eval mode
+too.
 """
 
 from __future__ import annotations
