@@ -167,15 +167,30 @@ def movable_keys(report: dict) -> list[str]:
     return keys
 
 
-def further_from_mean(before: dict, after: dict, keys: list[str]) -> list[str]:
-    """Units that end further (in log) from the geometric mean rate than they started."""
+def balanced_keys(report: dict) -> list[str]:
+    """The unit slices the report calls balanced (only their ratio to a partner moves)."""
+    keys = []
+    for u in report["units"]:
+        if u.get("slices"):
+            keys += [f"{u['name']}[{s['slice']}]" for s in u["slices"]
+                     if s["status"] == "balanced"]
+        elif u.get("between_status") == "balanced":
+            keys.append(u["name"])
+    return keys
+
+
+def further_from_mean(before: dict, after: dict, keys: list[str],
+                      check: list[str] | None = None) -> list[str]:
+    """Units (of `check`, default `keys`) that end further (in log) from the geometric mean
+    rate of `keys` than they started."""
     ks = [k for k in keys if before.get(k, 0) > 0 and after.get(k, 0) > 0]
     if not ks:
         return []
     mb = sum(math.log(before[k]) for k in ks) / len(ks)
     ma = sum(math.log(after[k]) for k in ks) / len(ks)
-    return [k for k in ks if abs(math.log(after[k]) - ma) > abs(math.log(before[k]) - mb)
-            + 0.05]
+    return [k for k in (ks if check is None else check)
+            if before.get(k, 0) > 0 and after.get(k, 0) > 0
+            and abs(math.log(after[k]) - ma) > abs(math.log(before[k]) - mb) + 0.05]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -266,9 +281,18 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
         )
         for w in ("photos", "crops"):
             row[f"spread_{w}"] = [spread(before_r[w], keys), spread(after_r[w], keys)]
+        if opts.unit_rates:
+            row["unit_rates_crops"] = {k: [before_r["crops"].get(k), after_r["crops"].get(k)]
+                                       for k in keys}
+        paired = balanced_keys(rep)
+        row["balanced"] = len(paired)
+        row["spread_crops_with_balanced"] = [spread(before_r["crops"], keys + paired),
+                                             spread(after_r["crops"], keys + paired)]
         if kind == "loaded":
             row["further_from_mean"] = further_from_mean(before_r["crops"], after_r["crops"],
                                                          keys)
+            row["balanced_further_from_mean"] = further_from_mean(
+                before_r["crops"], after_r["crops"], keys, paired)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -276,7 +300,7 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| arch | weights | exit | s | output std before → after (photos) | spread before → "
-             "after, photos | crops | movable / pinned | function change |",
+             "after, photos | crops | movable / balanced / pinned | function change |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["arch"] + ("" if not r["model_args"] else " " + ",".join(
@@ -293,7 +317,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {name} | {r['kind']} | 0 | {r['seconds']} | {f(r['output_std_before'])} → "
             f"{f(r['output_std_after'])} | {f(sp[0])} → {f(sp[1])} | {f(sc[0])} → {f(sc[1])} | "
-            f"{r['movable']} / {len(r['pinned'])} | "
+            f"{r['movable']} / {r.get('balanced', '-')} / {len(r['pinned'])} | "
             f"{'-' if r['kind'] == 'fresh' else format(r['function_change'], '.1e')} |")
     return "\n".join(lines)
 
@@ -307,6 +331,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="16 images, 4 draws, 128 px CNNs")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--unit-rates", action="store_true",
+                    help="keep every movable unit's rate on the crops, before and after")
     ap.add_argument("--table", type=Path, help="print the Markdown table of a results file")
     opts = ap.parse_args()
     if opts.table:

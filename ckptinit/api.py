@@ -270,6 +270,8 @@ def _measure(model, images, options, device, fresh) -> RunReport:
             rec.between_status, rec.between_reason = "pinned", plan.pinned[key]
         elif not rec.rate_before > 0:
             rec.between_status, rec.between_reason = "excluded", "zero gradient"
+        elif key in plan.pair_reason:
+            rec.between_status, rec.between_reason = "balanced", plan.pair_reason[key]
         else:
             rec.between_status = "ok"
         if plan.slices[u.name] > 1:

@@ -5,12 +5,14 @@ A unit's change rate is C = ||dL/dW|| / ||W|| under a label-free random linear l
 under them log C responds exactly (-2 per log-scale of the unit's weight), so the update is
 solved, not iterated blindly: a bounded least-squares fit of a common target (solve.py),
 which lands in one round. Anchors no move breaks: the model's output (hence its scale),
-every norm's eps, the attention temperature (q/k slices are only balanced), and no unit
-ends further from the mean than it started (on a fresh net q/k slices may: their rates
-follow the stream's scale, which the attention temperature ties them to). Fresh GELU/SiLU
-pairs move approximately (the second unit is re-normalised to keep its statistics) and take
-a few rounds; so do units released by --allow-function-change. The outputs are compared
-before and after on held-out images in float64, and exact moves must leave them unchanged.
+every norm's eps, the attention temperature and other fixed rate products (such pairs are
+only balanced), and no unit ends further from the mean of the final rates than it started
+(centre.py moves the target where held-back units would drag that mean; on a fresh net q/k
+slices may end further: their rates follow the stream's scale, which the attention
+temperature ties them to). Fresh GELU/SiLU pairs move approximately (the second unit is
+re-normalised to keep its statistics) and take a few rounds; so do units released by
+--allow-function-change. The outputs are compared before and after on held-out images in
+float64, and exact moves must leave them unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 from ..distributed import from_main
 from ..errors import FunctionChangedError
 from ..report import FunctionCheck, UnitRecord
+from .centre import recentre
 from .moves import Plan, apply_scales_
 from .rates import Key, adam_log_rates, estimate_rates, output_tensors
 from .solve import Box, Term, solve
@@ -103,14 +106,16 @@ def rescale_between_(
     tied: set[Key] = set()
     target, iteration, converged, approx_moved = t0, 0, not targeted, False
     fixed = None  # the target, once the first solve has chosen it
+    centre = None  # the mean the guards keep units near, where it is not the target
     done = torch.zeros(plan.basis.shape[0], dtype=torch.float64)  # the moves made so far
     while targeted:
-        z, target = _solve(plan, values, targeted, counted, tied, slack, response, t0, tol,
-                           fixed, done)
+        z, target, centre = _solve(plan, values, targeted, counted, tied, slack, response,
+                                   t0, tol, fixed, centre, done)
         if fixed is None:  # later rounds only correct approximate moves: no drifting target
             fixed = target
+            ref = target if centre is None else centre
             slack = {k: max(slack[k], abs(values[k] + response * float(z[plan.var(k)])
-                                          - target)) for k in counted}
+                                          - ref)) for k in counted}
         if _worst(values, targeted, tied, target) <= math.log1p(tol) or iteration >= iters:
             converged = _worst(values, targeted, tied, target) <= math.log1p(tol)
             break
@@ -156,9 +161,31 @@ def _worst(values: dict[Key, float], targeted: list[Key], tied: set[Key], t: flo
     return max(devs) if devs else 0.0
 
 
-def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed, done):
+def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed,
+           centre, done):
     """The bounded least-squares update; units that cannot reach the target become tied.
-    The eps and scale bounds hold for the moves of all rounds together (`done` so far)."""
+    The eps and scale bounds hold for the moves of all rounds together (`done` so far).
+    Every unit stays as close to the mean as it started (`centre`, once chosen; until then
+    the target): where tied units drag the mean of the final rates away from the target,
+    the first round shifts the target until it does not (centre.py)."""
+    z, t = _fit(plan, values, targeted, counted, tied, slack, response, t0, tol, fixed, centre,
+                done)
+    guarded = [k for k in counted if not (plan.all_fresh and k in plan.balanced)]
+    for _ in range(2 if fixed is None else 0):
+        ends = {k: v + response * float(z[plan.var(k)]) for k, v in values.items()}
+        moved = recentre(ends, targeted, tied, guarded, slack)
+        if moved is None:
+            break
+        centre = moved[1]
+        z, t = _fit(plan, values, targeted, counted, tied, slack, response, t0, tol,
+                    moved[0], centre, done)
+    return z, t, centre
+
+
+def _fit(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed, centre,
+         done):
+    """One bounded least-squares solve (the target `fixed` if given), tying the units it
+    leaves off target and solving again."""
     for _ in range(4):
         terms = []
         for k in targeted:
@@ -172,14 +199,19 @@ def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol
             if q in values and k in values:
                 terms.append(Term({plan.var(q): response, plan.var(k): -response},
                                   values[q] - values[k], 0.0))
+                if q in plan.pair_reason:  # a fixed product: only the target can meet it
+                    terms.append(Term({}, TIED_WEIGHT * (values[q] + values[k]) / 2,
+                                      TIED_WEIGHT))
         boxes = [Box(b.coef, b.lo, b.hi, b.t_coef,
                      b.const + sum(c * float(done[v]) for v, c in b.coef.items()))
                  for b in plan.boxes]
         if fixed is not None:
             boxes.append(Box({}, fixed, fixed, 1.0))
-        for k in counted:  # nobody ends further from the mean than it started
+        for k in counted:  # nobody ends further from the mean (or target) than it started
             if k in values and not (plan.all_fresh and k in plan.balanced):
-                boxes.append(Box({plan.var(k): response}, -slack[k], slack[k], -1.0, values[k]))
+                boxes.append(Box({plan.var(k): response}, -slack[k], slack[k],
+                                 0.0 if centre is not None else -1.0,
+                                 values[k] - (centre or 0.0)))
         z, t = solve(plan.basis, terms, boxes, t0)
         z = _feasible(z, boxes[:len(plan.boxes)])
         off = [k for k in targeted if k not in tied and k in values
@@ -287,7 +319,8 @@ def _status(plan, key, values, target, tol, excluded, tied) -> tuple[str, str | 
     if key in excluded:
         return "excluded", "zero gradient"
     if key in plan.balanced:
-        return "balanced", "attention temperature: balanced with its partner, not targeted"
+        return "balanced", plan.pair_reason.get(
+            key, "attention temperature: balanced with its partner, not targeted")
     v = values.get(key)
     if v is None:
         return "excluded", "zero gradient"
@@ -297,5 +330,6 @@ def _status(plan, key, values, target, tol, excluded, tied) -> tuple[str, str | 
         text = plan.compensation.get(key[0], "")
         if text.startswith("moves only with"):
             return "tied", text
-        return "limited", "held back by a norm's eps, the scale cap, or another unit's anchor"
+        return "limited", ("held back by a norm's eps, the scale cap, another unit's anchor, "
+                           "or the others' distance from the mean")
     return "not converged", None

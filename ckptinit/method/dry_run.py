@@ -141,6 +141,8 @@ def _unit_plan(u: Unit, fresh: bool, draws: dict[str, str], plan: Plan | None, f
         rec.between, rec.reason, rec.compensation = "pinned", plan.pinned[last], None
     elif u.name in fp.zero_grad:
         rec.between, rec.reason = "excluded", "zero gradient (on random inputs)"
+    elif last in plan.pair_reason:
+        rec.between, rec.reason = "balanced", plan.pair_reason[last]
     else:
         rec.between = "movable"
         if u.name in plan.renormalise:

@@ -1,10 +1,12 @@
 """What the between-layer step may move, and how: a Plan built on the scale graph.
 
 A unit slice is *pinned* when no function-preserving move reaches its scale (a squeeze-
-excite gate, a head between an activation and the output), *balanced* when only its ratio
-to a partner can move (the q and k slices of attention: their product is the attention
-temperature), and movable otherwise. Moves are applied as one vector of log-scales over
-parameters and BatchNorm statistics (`apply_scales_`), exact in eval mode too.
+excite gate, a head between an activation and the output), *balanced* when only its ratio to
+a partner can move (the q and k slices of attention: their product is the attention
+temperature; the reduce/expand convs of a squeeze-excite gate behind a hard-swish: the
+product of their rates is fixed), and movable otherwise. Moves are applied as one vector of
+log-scales over parameters and BatchNorm statistics (`apply_scales_`), exact in eval mode
+too.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Plan:
     slices: dict[str, int]  # unit -> 1, or 2/3 for fused k/v and q/k/v projections
     pinned: dict[Key, str] = field(default_factory=dict)  # no freedom, and why
     pairs: list[tuple[Key, Key]] = field(default_factory=list)  # (q, k): balanced only
+    pair_reason: dict[Key, str] = field(default_factory=dict)  # non-q/k pairs: why
     approximate: set[str] = field(default_factory=set)  # units whose moves change the function
     renormalise: list[str] = field(default_factory=list)  # re-normalised after relaxed moves
     compensation: dict[str, str] = field(default_factory=dict)  # unit -> what absorbs its move
@@ -111,12 +114,37 @@ def plan_moves(
         if slices[u.name] == 3 and (u.name, 0) not in plan.pinned \
                 and (u.name, 1) not in plan.pinned:
             plan.pairs.append(((u.name, 0), (u.name, 1)))
+    for a, b in _fixed_products(plan):
+        plan.pairs.append((a, b))
+        for k, other in ((a, b), (b, a)):
+            plan.pair_reason[k] = (f"its rate times {other[0]}'s is fixed (only their ratio "
+                                   "moves: a gate's logits or a norm pin the scales around "
+                                   "them): balanced, not targeted")
     plan.renormalise = [u.name for u in units if graph.unit_in.get(u.name) in graph.relaxed]
     plan.approximate = approximate | set(plan.renormalise) | {
         u.name for u in units if graph.unit_out.get(u.name) in graph.relaxed}
     plan.boxes = [b for b in norms if b not in narrow] + scale_bounds(graph, basis)
     plan.compensation = _compensations(model, plan)
     return plan
+
+
+def _fixed_products(plan: Plan) -> list[tuple[Key, Key]]:
+    """Unit pairs whose log-scales move by opposite amounts in every allowed move (x_a + x_b =
+    0), so that the product of their change rates cannot move: the reduce and expand convs of
+    a squeeze-excite gate whose input sits behind a non-homogeneous activation (hard-swish)
+    and whose logits feed a sigmoid. Like q and k, such a pair can only be balanced."""
+    keys = [k for k in plan.keys if k not in plan.pinned and plan.slices[k[0]] == 1]
+    if len(keys) < 2:
+        return []
+    rows = plan.basis[[plan.var(k) for k in keys]]
+    apart = torch.cdist(rows, -rows)  # ||row_a + row_b||
+    apart.fill_diagonal_(math.inf)
+    pairs, taken = [], set()
+    for i, j in (apart < 1e-6 * max(1.0, float(rows.abs().max()))).nonzero().tolist():
+        if i < j and i not in taken and j not in taken:
+            pairs.append((keys[i], keys[j]))
+            taken |= {i, j}
+    return pairs
 
 
 def _row(basis: torch.Tensor, graph: ScaleGraph, unit: str) -> float:
