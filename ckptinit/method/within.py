@@ -162,6 +162,7 @@ class _State:
         self.dead: dict[str, torch.Tensor] = {}
         self.draws: dict[str, object] = {}
         self.change: dict[str, torch.Tensor] = {}  # each unit's correction in the last pass
+        self.moved: dict[str, tuple] = {}
         self.gates = gates
         self.tags = {u.name: i for i, u in enumerate(units)}  # relay tags (several ranks)
         self.next: dict[str, int] = {}  # the next batch each unit absorbs, in a pass
@@ -180,6 +181,7 @@ class _State:
         ranks = current()
         relay = Relay(ranks, self.units[0].module.weight.device) if ranks.world > 1 else None
         self.next = {u.name: 0 for u in self.units}  # the next batch each unit absorbs
+        self.moved = {}  # each unit's rewrites in this pass, composed: (scale, shift)
 
         def drawn(name: str, b: int) -> bool:  # its weights are drawn on this batch
             return first and b == 0 and draws.get(name, "keep") != "keep"
@@ -248,8 +250,11 @@ class _State:
                 entries[i] = e.affine(scale, shift)
         self.total[name] = self.total[name] * scale if name in self.total else scale
         self.dead[name] = dead
-        if b == last:  # how far this pass moved the unit: the convergence test
-            self.change[name] = _correction(scale, shift, goal_std, dead, module.bias is not None)
+        s0, t0 = self.moved.get(name, (1.0, 0.0))
+        self.moved[name] = moved = (scale * s0, scale * t0 + shift)
+        if b == last:  # how far this whole pass moved the unit: the convergence test (its
+            # last rewrite alone is small even while the units below still drift)
+            self.change[name] = _correction(*moved, goal_std, dead, module.bias is not None)
             self.largest.append(self.change[name])
         self.next[name] = b + 1
         return scale, shift
@@ -307,7 +312,7 @@ class _State:
                     f"gate logits: std {GATE_STD:g} (a near-constant gate)"
 
 
-def _correction(scale, shift, goal_std, dead, has_bias: bool) -> torch.Tensor:
+def _correction(*moved, goal_std, dead, has_bias: bool) -> torch.Tensor:
     """How far a pass moved a unit, in the issue's terms: the channel-averaged change of its
     std (relative) and of its mean (in goal stds, where a bias can set it), the larger of the
     two. The deviation left after the pass is about what the next pass would correct."""
