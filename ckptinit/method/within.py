@@ -6,8 +6,9 @@ to the rest of the pass, so every unit is measured on the outputs of the final u
 it. With one batch that pass is exact. With several, each unit keeps the moments of every
 batch, mapped exactly through its own later corrections; a later pass replaces each
 batch's entry by a fresh measurement, so what is left stale is only the drift of the
-units below during one pass. Passes stop when a pass corrects no channel by more than
-`tol`; depth never multiplies the cost (DESIGN 1.4). Statistics stay on the device in
+units below during one pass. Passes stop when no unit's channel-averaged correction in a
+pass exceeds `tol` (the deviation left is about the next pass's correction), or after
+MAX_PASSES; depth never multiplies the cost (DESIGN 1.4). Statistics stay on the device in
 float64 and reach the host once, at the end. Under torchrun each rank forwards its own
 batches and, before a unit's forward, absorbs the moments the other ranks measured on the
 batches before it (relayed by distributed.Relay): every rank makes the rewrites of one
@@ -45,7 +46,7 @@ GATE_STD = 0.1
 @dataclass
 class WithinResult:
     passes: int
-    max_correction: float  # largest per-channel correction made in the last pass
+    max_correction: float  # the largest unit's channel-averaged correction in the last pass
     batchnorms_reestimated: int
 
 
@@ -161,6 +162,7 @@ class _State:
         self.dead: dict[str, torch.Tensor] = {}
         self.draws: dict[str, object] = {}
         self.change: dict[str, torch.Tensor] = {}  # each unit's correction in the last pass
+        self.moved: dict[str, tuple] = {}
         self.gates = gates
         self.tags = {u.name: i for i, u in enumerate(units)}  # relay tags (several ranks)
         self.next: dict[str, int] = {}  # the next batch each unit absorbs, in a pass
@@ -179,6 +181,7 @@ class _State:
         ranks = current()
         relay = Relay(ranks, self.units[0].module.weight.device) if ranks.world > 1 else None
         self.next = {u.name: 0 for u in self.units}  # the next batch each unit absorbs
+        self.moved = {}  # each unit's rewrites in this pass, composed: (scale, shift)
 
         def drawn(name: str, b: int) -> bool:  # its weights are drawn on this batch
             return first and b == 0 and draws.get(name, "keep") != "keep"
@@ -247,11 +250,11 @@ class _State:
                 entries[i] = e.affine(scale, shift)
         self.total[name] = self.total[name] * scale if name in self.total else scale
         self.dead[name] = dead
-        if b == last:  # how far this pass moved the unit: the convergence test
-            change = (scale - 1).abs()
-            if module.bias is not None:
-                change = torch.maximum(change, shift.abs() / goal_std)
-            self.change[name] = torch.where(dead, torch.zeros_like(change), change).amax()
+        s0, t0 = self.moved.get(name, (1.0, 0.0))
+        self.moved[name] = moved = (scale * s0, scale * t0 + shift)
+        if b == last:  # how far this whole pass moved the unit: the convergence test (its
+            # last rewrite alone is small even while the units below still drift)
+            self.change[name] = _correction(*moved, goal_std, dead, module.bias is not None)
             self.largest.append(self.change[name])
         self.next[name] = b + 1
         return scale, shift
@@ -307,6 +310,19 @@ class _State:
             if u.name in self.gates:
                 rec.note = ((rec.note + "; ") if rec.note else "") + \
                     f"gate logits: std {GATE_STD:g} (a near-constant gate)"
+
+
+def _correction(*moved, goal_std, dead, has_bias: bool) -> torch.Tensor:
+    """How far a pass moved a unit, in the issue's terms: the channel-averaged change of its
+    std (relative) and of its mean (in goal stds, where a bias can set it), the larger of the
+    two. The deviation left after the pass is about what the next pass would correct."""
+    live = (~dead).to(scale.dtype)
+    count = live.sum().clamp_min(1)  # no host sync: this runs for every unit
+    change = ((scale - 1).abs() * live).sum() / count
+    if has_bias:
+        goal = torch.as_tensor(goal_std, dtype=shift.dtype, device=shift.device)
+        change = torch.maximum(change, ((shift.abs() / goal) * live).sum() / count)
+    return change
 
 
 def _pack(m: Moments) -> torch.Tensor:
