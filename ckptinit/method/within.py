@@ -312,7 +312,7 @@ class _State:
                     f"gate logits: std {GATE_STD:g} (a near-constant gate)"
 
 
-def _correction(*moved, goal_std, dead, has_bias: bool) -> torch.Tensor:
+def _correction(scale, shift, goal_std, dead, has_bias: bool) -> torch.Tensor:
     """How far a pass moved a unit, in the issue's terms: the channel-averaged change of its
     std (relative) and of its mean (in goal stds, where a bias can set it), the larger of the
     two. The deviation left after the pass is about what the next pass would correct."""
