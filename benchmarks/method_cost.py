@@ -387,6 +387,9 @@ def main() -> None:
             continue
         load0, t0 = os.getloadavg(), time.perf_counter()
         models = fn(args)
+        for row in models.values():  # a rerun of some models keeps the others' rows
+            row["command"] = command
+        models = {**data.get(sec, {}).get("models", {}), **models}
         data[sec] = dict(command=command, torch_threads=torch.get_num_threads(),
                          load_start=[round(v, 2) for v in load0],
                          load_end=[round(v, 2) for v in os.getloadavg()],
