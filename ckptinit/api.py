@@ -192,13 +192,15 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
     report.converged = result.converged
     report.function_check = result.check
     counts = {s: sum(u.between_status == s for u in report.units)
-              for s in ("pinned", "excluded", "tied", "limited")}
+              for s in ("pinned", "excluded", "tied", "limited", "balanced")}
     spread_b, spread_a = (_g(report.rate_spread(w)) for w in ("before", "after"))
     rate = "lr/RMS(W) (Adam)" if options.optimizer == "adam" else "change rate"
+    free = any(u.between_status in ("ok", "not converged") for u in report.units)
+    outcome = (f"{'converged' if result.converged else 'NOT converged'} within "
+               f"{options.tol:.0%}") if free else "no unit was free to move"
     report.notes.append(
-        f"between-layer: {result.iterations} iteration(s), "
-        f"{'converged' if result.converged else 'NOT converged'} within {options.tol:.0%}; "
-        f"{rate} spread (max/min) {spread_b} -> {spread_a}; "
+        f"between-layer: {result.iterations} iteration(s), {outcome}; "
+        f"{rate} spread (max/min, movable units) {spread_b} -> {spread_a}; "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + (f"; {result.batchnorms_reestimated} BatchNorm layers re-estimated"
            if result.batchnorms_reestimated else "")

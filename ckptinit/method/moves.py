@@ -108,7 +108,7 @@ def plan_moves(
     slices = {u.name: graph.unit_slices(u.name) for u in units}
     plan = Plan(graph, basis, units, slices, all_fresh=all_fresh, eps_exact=eps_exact)
     for key in plan.keys:
-        if float(basis[plan.var(key)].abs().max()) < MOVABLE:
+        if _largest(basis[plan.var(key)]) < MOVABLE:
             plan.pinned[key] = _pin_reason(graph, key[0])
     for u in units:
         if slices[u.name] == 3 and (u.name, 0) not in plan.pinned \
@@ -140,16 +140,20 @@ def _fixed_products(plan: Plan) -> list[tuple[Key, Key]]:
     apart = torch.cdist(rows, -rows)  # ||row_a + row_b||
     apart.fill_diagonal_(math.inf)
     pairs, taken = [], set()
-    for i, j in (apart < 1e-6 * max(1.0, float(rows.abs().max()))).nonzero().tolist():
+    for i, j in (apart < 1e-6 * max(1.0, _largest(rows))).nonzero().tolist():
         if i < j and i not in taken and j not in taken:
             pairs.append((keys[i], keys[j]))
             taken |= {i, j}
     return pairs
 
 
+def _largest(t: torch.Tensor) -> float:
+    """max |t|, 0 when empty (no function-preserving move at all: a net of one unit)."""
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
 def _row(basis: torch.Tensor, graph: ScaleGraph, unit: str) -> float:
-    return max(float(basis[graph.unit_var(unit, s)].abs().max())
-               for s in range(graph.unit_slices(unit)))
+    return max(_largest(basis[graph.unit_var(unit, s)]) for s in range(graph.unit_slices(unit)))
 
 
 def _relax_where_needed(graph: ScaleGraph, units: list[Unit]) -> torch.Tensor:
@@ -169,7 +173,7 @@ def _relax_where_needed(graph: ScaleGraph, units: list[Unit]) -> torch.Tensor:
     freed = False
     for v in list(graph.relaxed):
         consumers = [u for u, iv in graph.unit_in.items() if iv == v and u in graph.unit_out]
-        if all(float(basis[graph.unit_out[u]].abs().max()) < MOVABLE for u in consumers):
+        if all(_largest(basis[graph.unit_out[u]]) < MOVABLE for u in consumers):
             graph.pin_(v, graph.relaxed.pop(v))
             freed = True
     return null_space(graph) if freed else basis

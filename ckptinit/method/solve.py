@@ -76,6 +76,8 @@ def norm_bounds(graph: ScaleGraph, budget: float = EPS_BUDGET,
 def scale_bounds(graph: ScaleGraph, basis: torch.Tensor) -> list[Box]:
     """|log scale| <= log(MAX_SCALE) for every variable that can move at all."""
     limit = math.log(MAX_SCALE)
+    if basis.shape[1] == 0:  # no move at all
+        return []
     movable = (basis.abs().amax(1) > 1e-9).nonzero().flatten().tolist()
     return [Box({v: 1.0}, -limit, limit) for v in movable]
 

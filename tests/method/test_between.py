@@ -231,3 +231,18 @@ def test_every_output_tensor_is_checked(monkeypatch):
     with pytest.raises(FunctionChangedError):
         rescale(model, x[:32], RescaleOptions(**LOADED, batch_size=32), fresh=(),
                 holdout=x[32:])
+
+
+def test_a_net_with_no_move_at_all_says_so_and_keeps_its_function():
+    """One linear unit: no function-preserving move exists (it crashed the planner on an
+    empty move basis); the report says no unit was free instead of 'converged'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    x = torch.randn(40, 3, 8, 8)
+    y0 = outputs(model, x[32:])
+    model, report = rescale(model, x[:32], RescaleOptions(batch_size=32), fresh=(),
+                            holdout=x[32:])
+    assert [u.between_status for u in report.units] == ["pinned"]
+    assert any("no unit was free to move" in n for n in report.notes)
+    assert not any("converged within" in n for n in report.notes)
+    assert rel_change(outputs(model, x[32:]), y0) <= 1e-6
