@@ -117,6 +117,10 @@ SeedOpt = Annotated[int, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="auto|cpu|cuda", rich_help_panel=METHOD,
     help="Where to compute (auto: cuda when available).")]
+MemoryFormatOpt = Annotated[str, typer.Option(
+    "--memory-format", metavar="auto|channels-last|contiguous", rich_help_panel=METHOD,
+    help="Layout of the passes (auto: channels-last for conv nets on the CPU, faster there); "
+         "the model and the checkpoint keep their own layout.")]
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", metavar="N", min=1, rich_help_panel=METHOD,
     help="Images per forward pass.")]
