@@ -76,8 +76,8 @@ def rescale(
     `holdout` images (never used for fitting) serve the checks; without them the
     calibration images are used. With `device="auto"` the model stays where it is; the
     global random generators are not touched (every draw has its own seeded generator).
-    The passes run channels-last for conv nets on the CPU (`options.memory_format`,
-    ckptinit.layout); the model comes back with its tensors in the layout they had.
+    With `options.memory_format="auto"` the passes run channels-last for conv nets on the
+    CPU (ckptinit.layout); the model comes back with its tensors in the layout they had.
     """
     options = (options or RescaleOptions()).check()
     with on_device(model, options.device) as run, _batchnorm_needs_a_batch(), \

@@ -119,8 +119,8 @@ DeviceOpt = Annotated[str, typer.Option(
     help="Where to compute (auto: cuda when available).")]
 MemoryFormatOpt = Annotated[str, typer.Option(
     "--memory-format", metavar="auto|channels-last|contiguous", rich_help_panel=METHOD,
-    help="Layout of the passes (auto: channels-last for conv nets on the CPU, faster there); "
-         "the model and the checkpoint keep their own layout.")]
+    help="Layout of the passes (auto: channels-last for conv nets on the CPU, where a plain "
+         "forward is faster); the model and the checkpoint keep their own layout.")]
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", metavar="N", min=1, rich_help_panel=METHOD,
     help="Images per forward pass.")]
