@@ -94,3 +94,10 @@ def test_the_saved_checkpoint_loads_strictly_into_timm(tmp_path):
                        calib_options=CalibrationOptions(images=8, holdout=4, input_size=32))
     model = timm.create_model("resnet18", pretrained=False)
     model.load_state_dict(load_file(out), strict=True)
+
+
+def test_an_unknown_layout_is_a_usage_error():
+    from ckptinit.errors import UsageError
+
+    with pytest.raises(UsageError, match="--memory-format"):
+        RescaleOptions(memory_format="nhwc").check()

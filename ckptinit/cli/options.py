@@ -118,9 +118,8 @@ DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="auto|cpu|cuda", rich_help_panel=METHOD,
     help="Where to compute (auto: cuda when available).")]
 MemoryFormatOpt = Annotated[str, typer.Option(
-    "--memory-format", metavar="auto|channels-last|contiguous", rich_help_panel=METHOD,
-    help="Layout of the passes (auto: channels-last for conv nets on the CPU, where a plain "
-         "forward is faster); the model and the checkpoint keep their own layout.")]
+    "--memory-format", metavar="LAYOUT", rich_help_panel=METHOD, show_default=False,
+    help="contiguous (default), channels-last or auto.")]
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", metavar="N", min=1, rich_help_panel=METHOD,
     help="Images per forward pass.")]
