@@ -4,6 +4,10 @@ pass over them, save the weights. No method code, no CLI.
 
     python benchmarks/bare.py resnet50 --images 128 --batch-size 128 -o /tmp/bare.safetensors
     python benchmarks/bare.py resnet18 --input-size 128 --images 64 --data FOLDER --no-save
+    python benchmarks/bare.py resnet50 --channels-last -o /tmp/bare.safetensors
+
+--channels-last runs the forward with the model's 4-D tensors channels-last (what ckptinit
+does on the CPU for conv nets, ckptinit/layout.py) and saves them contiguous again.
 
 Prints one JSON line: seconds of each stage, peak RSS, and on CUDA peak device memory.
 """
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("-o", "--output", default=None)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
     args = ap.parse_args()
     device = resolve_device(args.device)
     t = {"imports": time.perf_counter() - t_start}
@@ -50,6 +55,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.to(device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for batch in calib.batches(args.batch_size, device):
             model(batch)

@@ -24,6 +24,7 @@ section.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -76,6 +77,8 @@ def section_forward(args, device) -> dict:
             plain = build(name).to(device).eval()
             passes = []
 
+            plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+
             def forward(plain=plain, stream=stream):
                 t = time.perf_counter()
                 with torch.no_grad():
@@ -95,12 +98,16 @@ def section_forward(args, device) -> dict:
                 return time.perf_counter() - t
 
             forward()  # warm-up (allocator, kernels, page cache)
-            times = alternate({"forward": forward, "within": within}, args.runs, device)
+            times = alternate({"forward": forward, "within": within,
+                               "forward_cl": lambda f=forward, m=plain_cl: f(plain=m)},
+                              args.runs, device)
             row = dict(model=name, images=args.images, size=args.size or "model's",
                        batches=len(stream), batch_size=bs, runs=args.runs,
                        forward_s=B.median(times["forward"]), within_s=B.median(times["within"]),
+                       forward_cl_s=B.median(times["forward_cl"]),
                        within_passes=passes[-1], all_s=times)
             row["within_over_forward"] = row["within_s"] / row["forward_s"]
+            row["within_over_forward_cl"] = row["within_s"] / row["forward_cl_s"]
             out.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "all_s"}), flush=True)
         calib.close()
@@ -112,12 +119,15 @@ def section_process(args, device) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="ckptinit-speed-"))
     n, model = args.process_images, args.process_model
     common = ["--images", str(n), "--batch-size", str(n), "--device", str(device)]
-    cmds = {
-        "ckptinit": B.python_cmd("-m", "ckptinit", "rescale", model, "--no-between", *common,
-                                 "-o", str(tmp / "a.safetensors"), "--force", "-q"),
-        "bare": B.python_cmd(str(B.ROOT / "benchmarks" / "bare.py"), model, *common,
-                             "-o", str(tmp / "b.safetensors")),
-    }
+    ck = B.python_cmd("-m", "ckptinit", "rescale", model, "--no-between", *common,
+                      "-o", str(tmp / "a.safetensors"), "--force", "-q")
+    bare = B.python_cmd(str(B.ROOT / "benchmarks" / "bare.py"), model, *common,
+                        "-o", str(tmp / "b.safetensors"))
+    # ckptinit's default (contiguous) layout and channels-last (--memory-format auto, conv
+    # nets on the CPU); the plain bare script (a user's script, the baseline) and a
+    # channels-last one, so that the ratio is given against both
+    cmds = {"ckptinit": ck, "ckptinit channels-last": [*ck, "--memory-format", "auto"],
+            "bare": bare, "bare channels-last": [*bare, "--channels-last"]}
     runs: dict[str, list[dict]] = {k: [] for k in cmds}
     for _ in range(args.runs):
         for k, cmd in cmds.items():
@@ -125,10 +135,12 @@ def section_process(args, device) -> dict:
     failed = {k: r[-1]["stderr"] for k, r in runs.items() if any(x["rc"] != 0 for x in r)}
     med = {k: B.median([x["seconds"] for x in r]) for k, r in runs.items()}
     row = dict(model=model, images=n, batch_size=n, runs=args.runs,
-               ckptinit_s=med["ckptinit"], bare_s=med["bare"],
+               ckptinit_s=med["ckptinit"], bare_s=med["bare"], median_s=med,
                all_s={k: [x["seconds"] for x in r] for k, r in runs.items()},
                peak_rss={k: B.median([x["peak_rss_bytes"] for x in r]) for k, r in runs.items()},
                commands={k: " ".join(c[2:]) for k, c in cmds.items()}, failed=failed)
+    row["ratios"] = {f"{a} / {b}": med[a] / med[b] for a in cmds if a.startswith("ckptinit")
+                     for b in cmds if b.startswith("bare") and med[a] and med[b]}
     if med["ckptinit"] and med["bare"]:
         row["ckptinit_over_bare"] = med["ckptinit"] / med["bare"]
     print(json.dumps({k: v for k, v in row.items() if k not in ("all_s", "commands")}),
@@ -266,25 +278,28 @@ def markdown(result: dict) -> str:
     sec = result["sections"]
     if "forward" in sec and "rows" in sec["forward"]:
         lines += ["**Within-layer step / one plain forward** over the same images (one process;"
-                  " model creation not counted):", "",
-                  "| model | images | batches | forward | within | passes | within / forward |",
-                  "|---|---|---|---|---|---|---|"]
+                  " model creation not counted; the within step in ckptinit's default layout, "
+                  "the forward contiguous and channels-last):", "",
+                  "| model | images | batches | forward | forward (channels-last) | within | "
+                  "passes | within / forward | within / channels-last forward |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in sec["forward"]["rows"]:
             lines.append(f"| {r['model']} | {r['images']} @ {r['size']} px | {r['batches']} | "
-                         f"{r['forward_s']:.2f} s | {r['within_s']:.2f} s | {r['within_passes']} "
-                         f"| **{r['within_over_forward']:.2f}x** |")
+                         f"{r['forward_s']:.2f} s | {B.fmt(r.get('forward_cl_s'), suffix=' s')} "
+                         f"| {r['within_s']:.2f} s | {r['within_passes']} "
+                         f"| **{r['within_over_forward']:.2f}x** | "
+                         f"**{B.fmt(r.get('within_over_forward_cl'), suffix='x')}** |")
         lines += [_load_line(sec["forward"]), ""]
     if "process" in sec and "rows" in sec["process"]:
         r = sec["process"]["rows"][0]
+        meds = r.get("median_s") or {"ckptinit": r["ckptinit_s"], "bare": r["bare_s"]}
         lines += ["**Whole processes**: the within-layer job / the bare build-read-forward-save "
-                  "script:", "",
-                  "| job | median | peak RSS |", "|---|---|---|",
-                  f"| `{r['commands']['ckptinit']}` | {B.fmt(r['ckptinit_s'])} s | "
-                  f"{B.mib(r['peak_rss']['ckptinit'])} |",
-                  f"| `{r['commands']['bare']}` | {B.fmt(r['bare_s'])} s | "
-                  f"{B.mib(r['peak_rss']['bare'])} |",
-                  f"| ratio | **{B.fmt(r.get('ckptinit_over_bare'))}x** | |",
-                  _load_line(sec["process"]), ""]
+                  "script:", "", "| job | median | peak RSS |", "|---|---|---|"]
+        lines += [f"| `{r['commands'][k]}` | {B.fmt(v)} s | {B.mib(r['peak_rss'][k])} |"
+                  for k, v in meds.items()]
+        ratios = r.get("ratios") or {"ckptinit / bare": r.get("ckptinit_over_bare")}
+        lines += [f"| ratio {k} | **{B.fmt(v)}x** | |" for k, v in ratios.items()]
+        lines += [_load_line(sec["process"]), ""]
     if "lsuv" in sec:
         if "skipped" in sec["lsuv"]:
             lines += [f"lsuv comparison skipped: {sec['lsuv']['skipped']}", ""]

@@ -16,10 +16,12 @@ from . import __version__
 from .data.batches import BatchesLike, as_batches, first_images
 from .device import (
     on_device,
+    one_thread,
     precision,
     resolve_device,  # noqa: F401  (public here too: ckptinit.api.resolve_device)
 )
 from .errors import UsageError
+from .layout import memory_layout
 from .method.heldout import check_heldout
 from .method.units import scan_units
 from .method.within import normalize_within_
@@ -75,9 +77,12 @@ def rescale(
     `holdout` images (never used for fitting) serve the checks; without them the
     calibration images are used. With `device="auto"` the model stays where it is; the
     global random generators are not touched (every draw has its own seeded generator).
+    With `options.memory_format="auto"` the passes run channels-last for conv nets on the
+    CPU (ckptinit.layout); the model comes back with its tensors in the layout they had.
     """
     options = (options or RescaleOptions()).check()
-    with on_device(model, options.device) as run, _batchnorm_needs_a_batch():
+    with on_device(model, options.device) as run, _batchnorm_needs_a_batch(), \
+            memory_layout(model, run.device, options.memory_format):
         report = _rescale(model, images, options, run.device, fresh, holdout, progress)
         report.resources = run.resources()
     return model, report
@@ -102,7 +107,8 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
     t0 = time.perf_counter()
     batches = _batches(images, options.batch_size, device)
     sample = first_images(batches, SAMPLE_IMAGES)
-    scan = scan_units(model, sample[:2])
+    with one_thread(device):  # the 2-image probes: threads cost more than they give
+        scan = scan_units(model, sample[:2])
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
     report, records = _new_report("rescale", options, scan)
     report.timings["scan"] = time.perf_counter() - t0
@@ -112,7 +118,8 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
     for name in fresh_set & set(records):
         records[name].note = "fresh"
     if options.residual_init == "data" and fresh_set >= {u.name for u in scan.units}:
-        _share_branches(model, sample, report)
+        with one_thread(device):
+            _share_branches(model, sample, report)
     if targets:
         t = time.perf_counter()
         note(f"within-layer step on {len(targets)} units")
@@ -236,7 +243,8 @@ def measure(
     could do with each unit. `images` as for `rescale`.
     """
     options = (options or RescaleOptions()).check()
-    with on_device(model, options.device) as run:
+    with on_device(model, options.device) as run, \
+            memory_layout(model, run.device, options.memory_format):
         report = _measure(model, images, options, run.device, fresh)
         report.resources = run.resources()
     return report

@@ -282,14 +282,16 @@ class Relay:
         self._pending: list[tuple[object, torch.Tensor]] = []
 
     def send(self, tag: int, tensor: torch.Tensor) -> None:
-        data = tensor.detach().clone()  # the caller may change it before it is delivered
+        # a copy (the caller may change it before it is delivered), contiguous as gloo
+        # needs (a channels-last weight: ckptinit.layout)
+        data = tensor.detach().clone(memory_format=torch.contiguous_format)
         with _translated():
             for dst in range(self.ranks.world):
                 if dst != self.ranks.rank:
                     self._pending.append((dist.isend(data, dst, tag=tag), data))
 
     def receive(self, tag: int, src: int, like: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(like, device=self.device)
+        out = torch.empty_like(like, device=self.device, memory_format=torch.contiguous_format)
         with _translated():
             dist.irecv(out, src, tag=tag).wait()
         return out

@@ -9,6 +9,7 @@ from .errors import UsageError
 WEIGHT_DRAWS = ("keep", "gaussian", "orthogonal", "pca", "kmeans")
 OPTIMIZERS = ("sgd", "adam")  # whose relative step the between-layer step equalises
 RESIDUAL_INITS = ("data", "timm")  # residual branches that start at zero (fresh nets)
+MEMORY_FORMATS = ("auto", "channels-last", "contiguous")  # layout.py
 
 
 @dataclass
@@ -33,6 +34,9 @@ class RescaleOptions:
     function_tol: float = 1e-4
     optimizer: str = "sgd"  # sgd: ||dL/dW|| / ||W||; adam: lr / RMS(W)
     residual_init: str = "data"  # data: zero-started branches get a share; timm: kept
+    # the passes' layout (layout.py); auto: channels-last for conv nets on the CPU, not yet
+    # the default: not measured faster for the whole step (benchmarks/README.md)
+    memory_format: str = "contiguous"
 
     def within_draws(self, units: list[str], fresh: set[str]) -> dict[str, str]:
         """The units the within-layer step normalises, each with its weight draw (DESIGN 1.3:
@@ -47,7 +51,8 @@ class RescaleOptions:
         """Refuse values the method cannot run with (one place for the CLI and the API)."""
         for flag, value, allowed in (("--weights", self.weights, WEIGHT_DRAWS),
                                      ("--optimizer", self.optimizer, OPTIMIZERS),
-                                     ("--residual-init", self.residual_init, RESIDUAL_INITS)):
+                                     ("--residual-init", self.residual_init, RESIDUAL_INITS),
+                                     ("--memory-format", self.memory_format, MEMORY_FORMATS)):
             if value is not None and value not in allowed:
                 raise UsageError(f"Unknown {flag} '{value}'; use one of {', '.join(allowed)}.")
         if self.weights not in (None, "keep") and self.within is False:

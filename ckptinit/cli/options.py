@@ -117,6 +117,9 @@ SeedOpt = Annotated[int, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="auto|cpu|cuda", rich_help_panel=METHOD,
     help="Where to compute (auto: cuda when available).")]
+MemoryFormatOpt = Annotated[str, typer.Option(
+    "--memory-format", metavar="LAYOUT", rich_help_panel=METHOD, show_default=False,
+    help="contiguous (default), channels-last or auto.")]
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", metavar="N", min=1, rich_help_panel=METHOD,
     help="Images per forward pass.")]

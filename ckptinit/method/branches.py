@@ -21,6 +21,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .units import calibration_mode
+
 log = logging.getLogger(__name__)
 
 ZERO = 1e-4  # a multiplier whose largest magnitude is below this starts its branch at zero
@@ -60,7 +62,7 @@ def zero_started_multipliers(model: nn.Module, sample: torch.Tensor) -> list[str
                              and n.endswith("weight"))
             return out
 
-    with Mode():
+    with torch.no_grad(), calibration_mode(model), Mode():  # BatchNorm's running stats kept
         model(sample)
     weights = dict(model.named_parameters())
     out = []

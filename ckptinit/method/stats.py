@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device import one_thread
+
 CANCELLATION = 1e4  # mean^2 / var above which sums of squares lose too many digits
+_BLOCK = 1 << 18  # values per block of the channels-last sums (1 MiB of float32)
 
 
 @dataclass
@@ -27,11 +30,15 @@ class Moments:
         z = z.detach().float()
         n = float(z.numel() // z.shape[channel_dim])
         if z.device.type == "cpu" and channel_dim % z.dim() == 1 and z.dim() > 2:
-            # CPU var_mean over (0, 2, 3) is a strided reduction, 5-6x slower than these
-            # per-(image, channel) sums, which are short in float32 and merged in float64
-            zz = z.reshape(z.shape[0], z.shape[1], -1)
-            total = zz.sum(2).double().sum(0)
-            total_sq = torch.linalg.vector_norm(zz, 2, dim=2).double().square().sum(0)
+            if z.dim() == 4 and not z.is_contiguous() and \
+                    z.is_contiguous(memory_format=torch.channels_last):
+                total, total_sq = _channels_last_sums(z)
+            else:
+                # CPU var_mean over (0, 2, 3) is a strided reduction, 5-6x slower than these
+                # per-(image, channel) sums, which are short in float32 and merged in float64
+                zz = z.reshape(z.shape[0], z.shape[1], -1)
+                total = zz.sum(2).double().sum(0)
+                total_sq = torch.linalg.vector_norm(zz, 2, dim=2).double().square().sum(0)
             mean = total / n
             if not bool((mean * mean <= CANCELLATION * (total_sq / n - mean * mean)).all()):
                 return cls._stable(z, channel_dim, n)  # a mean far above the std
@@ -65,3 +72,29 @@ class Moments:
         n, mean, sq = self.count, self.mean, self.total_sq / self.count
         new_sq = scale**2 * sq + 2 * scale * shift * mean + shift**2
         return Moments(n, n * (scale * mean + shift), n * new_sq)
+
+
+def _channels_last_sums(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float64 sum and sum of squares of a channels-last (N, C, H, W) CPU tensor.
+
+    In memory it is an (N*H*W, C) matrix: blocks of rows that fit in the cache are summed
+    down their columns in float32 (short sums, as on the contiguous path), squared into one
+    reused buffer, and the block sums merged in float64, on one thread. The contiguous
+    path's reductions over H*W are strided here, 4-8x slower. On two threads of a loaded
+    2-core machine each small op waits for the other thread: resnet50's conv outputs for 16
+    images took 23-69 s that way, 0.45 s on one thread (the contiguous path 0.8-4 s).
+    """
+    c = z.shape[1]
+    rows = z.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last is row-major NHWC
+    step = max(1, min(rows.shape[0], _BLOCK // c))
+    blocks = -(-rows.shape[0] // step)
+    sums, squares = rows.new_empty(blocks, c), rows.new_empty(blocks, c)
+    buf = rows.new_empty(step, c)
+    with one_thread(z.device):  # thousands of small ops: a parallel region each is slower
+        for j in range(blocks):
+            block = rows[j * step:(j + 1) * step]
+            sq = buf[:block.shape[0]]
+            torch.sum(block, 0, out=sums[j])
+            torch.mul(block, block, out=sq)
+            torch.sum(sq, 0, out=squares[j])
+    return sums.double().sum(0), squares.double().sum(0)
