@@ -267,7 +267,7 @@ def section_memory(args, device) -> dict:
             growth[mode] = dict(rss_ratio=b["peak_rss_bytes"] / a["peak_rss_bytes"],
                                 time_ratio=b["seconds"] / a["seconds"], images_ratio=hi / lo)
     return {"rows": rows, "reference": ref, "growth": growth, "folder": str(folder),
-            "command": " ".join(job(hi, "within")[2:])}
+            "command": " ".join(job(hi, args.memory_modes[-1])[2:])}
 
 
 # ---------------------------------------------------------------- report
