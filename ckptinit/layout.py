@@ -3,8 +3,9 @@
 On the CPU a plain conv-net forward runs markedly faster with channels-last weights
 (oneDNN's native layout: resnet50 and vgg11 no-grad forwards took 1.3-1.7x less time on
 this project's 2-core machine); the feature maps then flow channels-last from the first
-convolution on, without converting the input images. Opt-in (`auto`, `channels-last`): the
-whole hooked within-layer pass was not yet measured faster than contiguous. The caller's
+convolution on, without converting the input images. `auto` is the default: on a quiet
+machine the whole `rescale` process ran 1.25-1.34x faster (benchmarks/speed.py, process
+section); under heavy contention one round was slower. The caller's
 model comes back with every tensor in the layout it had (bit for bit the same values;
 safetensors needs the contiguous layout a freshly built model has), and the statistics are
 layout-independent (method/stats.py sums channels-last outputs as an (N*H*W, C) matrix).

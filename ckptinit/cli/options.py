@@ -119,7 +119,7 @@ DeviceOpt = Annotated[str, typer.Option(
     help="Where to compute (auto: cuda when available).")]
 MemoryFormatOpt = Annotated[str, typer.Option(
     "--memory-format", metavar="LAYOUT", rich_help_panel=METHOD, show_default=False,
-    help="contiguous (default), channels-last or auto.")]
+    help="auto (default), channels-last or contiguous.")]
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", metavar="N", min=1, rich_help_panel=METHOD,
     help="Images per forward pass.")]
