@@ -33,7 +33,7 @@ from .units import UnitScan, batchnorms, calibration_mode, channel_shape, removi
 log = logging.getLogger(__name__)
 
 DEAD_RTOL = 1e-5  # a channel whose std is below this fraction of the layer's median is dead
-MAX_PASSES = 4
+MAX_PASSES = 5
 # A gate's logits (squeeze-excite, ECA) get this std instead of 1: the gate scales a whole
 # feature map per image, so with std-1 logits each gated block's gain depends on how varied
 # the images are, and that compounds over every gated block (efficientnet_b0 fresh, eval

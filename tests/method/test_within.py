@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ckptinit.api import rescale
+from ckptinit.method.within import MAX_PASSES
 from ckptinit.options import RescaleOptions
 from tests.conftest import smooth_images
 from tests.method.nets import unit_stats
@@ -164,7 +165,7 @@ def test_several_batches_give_exact_statistics_over_all_images(batch_size):
     model = TinyCNN()
     x = smooth_images(64, 32)
     _, report = rescale(model, x, RescaleOptions(**WITHIN, batch_size=batch_size))
-    assert 1 < report.within_passes <= 4
+    assert 1 < report.within_passes <= MAX_PASSES
     assert report.within_correction is not None and report.within_correction <= 0.01
     for name, (dmean, dstd, _) in unit_stats(model, x, batch_size).items():
         assert dmean <= 0.02 and dstd <= 0.02, (name, dmean, dstd)
@@ -176,7 +177,7 @@ def test_a_unit_left_outside_tolerance_says_so():
     model = TinyCNN()
     x = smooth_images(64, 32)
     _, report = rescale(model, x, RescaleOptions(**WITHIN, batch_size=8, tol=1e-9))
-    assert report.within_passes == 4  # the pass budget, never depth times
+    assert report.within_passes == MAX_PASSES  # the pass budget, never depth times
     loose = [u for u in report.units if u.status == "outside tolerance"]
     assert loose and all("last pass still corrected" in u.note for u in loose)
 
