@@ -6,10 +6,11 @@ to the rest of the pass, so every unit is measured on the outputs of the final u
 it. With one batch that pass is exact. With several, each unit keeps the moments of every
 batch, mapped exactly through its own later corrections; a later pass replaces each
 batch's entry by a fresh measurement, so what is left stale is only the drift of the
-units below during one pass. Passes stop when no unit's channel-averaged correction in a
-pass exceeds `tol` (the deviation left is about the next pass's correction), or after
-MAX_PASSES; depth never multiplies the cost (DESIGN 1.4). Statistics stay on the device in
-float64 and reach the host once, at the end. Under torchrun each rank forwards its own
+units below during one pass. Passes stop when no unit's rewrites over a whole pass,
+composed and channel-averaged, moved it by more than `tol` (its last rewrite alone stays
+small while the units below still drift), or after MAX_PASSES; depth never multiplies the
+cost (DESIGN 1.4). Statistics stay on the device in float64 and reach the host once, at
+the end. Under torchrun each rank forwards its own
 batches and, before a unit's forward, absorbs the moments the other ranks measured on the
 batches before it (relayed by distributed.Relay): every rank makes the rewrites of one
 process, in the same order.
@@ -162,7 +163,7 @@ class _State:
         self.dead: dict[str, torch.Tensor] = {}
         self.draws: dict[str, object] = {}
         self.change: dict[str, torch.Tensor] = {}  # each unit's correction in the last pass
-        self.moved: dict[str, tuple] = {}
+        self.moved: dict[str, tuple] = {}  # reset by every pass (run_pass)
         self.gates = gates
         self.tags = {u.name: i for i, u in enumerate(units)}  # relay tags (several ranks)
         self.next: dict[str, int] = {}  # the next batch each unit absorbs, in a pass
