@@ -144,6 +144,17 @@ def rates(model: nn.Module, x: torch.Tensor, draws: int, seed: int, batch: int =
     return out
 
 
+def rms(model: nn.Module) -> dict[str, float]:
+    """RMS(W) per unit (per q/k/v slice): Adam's relative step is lr / RMS(W)."""
+    units, qkv = units_of(model), fused(model)
+    out = {}
+    for n, m in units.items():
+        w = m.weight.detach().double().reshape(3 if n in qkv else 1, -1)
+        vals = w.square().mean(1).sqrt().tolist()
+        out.update({f"{n}[{s}]": v for s, v in zip("qkv", vals)} if n in qkv else {n: vals[0]})
+    return out
+
+
 @torch.no_grad()
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
@@ -235,10 +246,12 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
     other = crops(_sample_photos(), opts.check_images, size, cfg["mean"], cfg["std"], 8765)
     wheel = crops(_skimage_photos(SYNTHETIC), 4, size, cfg["mean"], cfg["std"], 4321)
     margs = [arg for k, v in kwargs.items() for arg in ("--model-arg", f"{k}={v}")]
-    common = ["--images", str(opts.images), "--seed", "0", "--device", "cpu", *margs]
+    common = ["--images", str(opts.images), "--seed", "0", "--device", "cpu", *margs,
+              "--optimizer", opts.optimizer]
+    sgd = opts.optimizer == "sgd"  # under Adam the gradient rates are not what is equalised
     if opts.size is not None:
         common += ["--input-size", str(size)]
-    for kind in ("fresh", "loaded"):
+    for kind in opts.kinds:
         out = tmp / f"{index}-{name}-{kind}.safetensors"
         report = tmp / f"{index}-{name}-{kind}.json"
         if kind == "fresh":
@@ -249,8 +262,9 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
             ck = tmp / f"{index}-{name}-trained.safetensors"
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
             src = [str(ck), "--arch", name]
-        before_r = {w: rates(model, x, opts.draws, 99) for w, x in (("photos", photos),
-                                                                  ("crops", other))}
+        before_r = {w: rates(model, x, opts.draws, 99) if sgd else {}
+                    for w, x in (("photos", photos), ("crops", other))}
+        rms_before = rms(model)
         y0 = outputs(model, photos)
         code, secs, last = ckptinit([*src, "-o", str(out), "--report", str(report), *common],
                                     env)
@@ -263,8 +277,8 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
         rep = json.loads(report.read_text())
         after = timm.create_model(name, pretrained=False, **kwargs)
         after.load_state_dict(load_file(str(out)))
-        after_r = {w: rates(after, x, opts.draws, 99) for w, x in (("photos", photos),
-                                                                 ("crops", other))}
+        after_r = {w: rates(after, x, opts.draws, 99) if sgd else {}
+                   for w, x in (("photos", photos), ("crops", other))}
         keys = movable_keys(rep)
         y1 = outputs(after, photos)
         row.update(
@@ -278,6 +292,8 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
             function_change=float((y1 - y0).norm() / y0.norm()),
             iterations=rep.get("between_iterations"), converged=rep.get("converged"),
             report_spread=[rep.get("rate_spread_before"), rep.get("rate_spread_after")],
+            optimizer=opts.optimizer,
+            rms_spread=[spread(rms_before, keys), spread(rms(after), keys)],
         )
         for w in ("photos", "crops"):
             row[f"spread_{w}"] = [spread(before_r[w], keys), spread(after_r[w], keys)]
@@ -288,7 +304,7 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
         row["balanced"] = len(paired)
         row["spread_crops_with_balanced"] = [spread(before_r["crops"], keys + paired),
                                              spread(after_r["crops"], keys + paired)]
-        if kind == "loaded":
+        if kind == "loaded" and sgd:
             row["further_from_mean"] = further_from_mean(before_r["crops"], after_r["crops"],
                                                          keys)
             row["balanced_further_from_mean"] = further_from_mean(
@@ -334,6 +350,10 @@ def main() -> None:
     ap.add_argument("--unit-rates", action="store_true",
                     help="keep every movable unit's rate on the crops, before and after")
     ap.add_argument("--table", type=Path, help="print the Markdown table of a results file")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                    help="passed to ckptinit; with adam the spread measured is of lr/RMS(W)")
+    ap.add_argument("--kinds", nargs="+", choices=("fresh", "loaded"),
+                    default=["fresh", "loaded"])
     opts = ap.parse_args()
     if opts.table:
         print(table(json.loads(opts.table.read_text())["rows"]))
