@@ -3,11 +3,13 @@
 The pass knows the exact per-channel moments of every output it corrects, so a BatchNorm
 whose input is that very tensor need not measure its batch: it normalises with those
 moments (eval-mode arithmetic, the same result up to float rounding) and takes the same
-cumulative running-statistics update train mode would have made. On the CPU a train-mode
-BatchNorm costs 3.4x an eval-mode one (resnet50, channels-last, 32 images at 224 px: 3.0 s
-against 0.88 s, against 2.4 s for all its convs), and in resnet-style nets every unit feeds
-one. Any other BatchNorm, or one fed a view, a copy or an activation of the output, runs as
-usual.
+cumulative running-statistics update train mode would have made. "That very tensor" is the
+same object at the same version: an in-place op in between (`nn.ReLU(inplace=True)`
+returns its input object) changes the values, and the version counter shows it. Any other
+BatchNorm, or one fed a view, a copy or an activation of the output, runs as usual. On the
+CPU under load a train-mode BatchNorm cost 3.4x an eval-mode one (resnet50, channels-last,
+32 images at 224 px: 3.0 s against 0.88 s); on a quiet machine the within step gains
+about 5 % (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ class FedBatchNorms:
 
     def __init__(self, bns: Iterable[_BatchNorm]) -> None:
         self.bns = [m for m in bns if m.track_running_stats and m.running_mean is not None]
-        self.last: tuple[torch.Tensor, Moments] | None = None
+        self.last: tuple[torch.Tensor, int, Moments] | None = None
         self.pending: dict[_BatchNorm, tuple] = {}
 
     def offer(self, out: torch.Tensor, moments: Moments) -> None:
-        self.last = (out, moments)
+        self.last = (out, out._version, moments)
 
     def handles(self) -> list:
         return [h for m in self.bns for h in (m.register_forward_pre_hook(self._pre),
@@ -38,10 +40,10 @@ class FedBatchNorms:
 
     def _pre(self, module: _BatchNorm, args) -> None:
         last = self.last
-        if (last is None or args[0] is not last[0] or not module.training
-                or module.momentum is not None or last[1].count <= 1):
+        if (last is None or args[0] is not last[0] or args[0]._version != last[1]
+                or not module.training or module.momentum is not None or last[2].count <= 1):
             return
-        mom = last[1]
+        mom = last[2]
         mean, var = mom.mean, mom.std.square()
         self.pending[module] = (module.running_mean.clone(), module.running_var.clone(),
                                 mean, var * (mom.count / (mom.count - 1)))

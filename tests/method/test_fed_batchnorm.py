@@ -28,6 +28,19 @@ class ActBeforeNorm(nn.Module):
         return self.fc(torch.relu(self.bn2(self.c2(x))).mean((2, 3)))
 
 
+class InPlaceActBeforeNorm(nn.Module):
+    """conv -> ReLU(inplace) -> BN: the BN gets the conv's output object, changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.act, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), \
+            nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn1(self.act(self.c1(x))).mean((2, 3)))
+
+
 def _within(model, x, batches: int, shortcut: bool, monkeypatch) -> tuple[dict, list[str]]:
     served: list[str] = []
     names = {m: n for n, m in model.named_modules()}
@@ -86,3 +99,15 @@ def test_only_a_batchnorm_fed_the_corrected_tensor_itself_takes_the_shortcut(mon
     (fast, served), (plain, _) = runs
     _same(fast, plain)
     assert set(served) == {"bn2"}
+
+
+def test_a_batchnorm_fed_the_output_changed_in_place_runs_as_usual(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    runs = []
+    for shortcut in (True, False):
+        torch.manual_seed(3)
+        runs.append(_within(InPlaceActBeforeNorm(), x, 2, shortcut, monkeypatch))
+    (fast, served), (plain, _) = runs
+    _same(fast, plain)
+    assert not served
