@@ -259,7 +259,8 @@ def _measure(model, images, options, device, fresh) -> RunReport:
     t0 = time.perf_counter()
     batches = _batches(images, options.batch_size, device)
     sample = first_images(batches, SAMPLE_IMAGES)
-    scan = scan_units(model, sample[:2])
+    with one_thread(device):  # as in rescale: the 2-image probe
+        scan = scan_units(model, sample[:2])
     report, records = _new_report("measure", options, scan)
     with calibration_mode(model):
         moments = measure_outputs(model, scan.units, batches)

@@ -22,6 +22,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+
 def wants_channels_last(model: nn.Module, device: torch.device, mode: str) -> bool:
     """channels-last: always (when the model has 2-D convolutions); contiguous: never; auto:
     on the CPU, for conv nets (at least half of the weighted layers 2-D convolutions), not

@@ -34,9 +34,8 @@ class RescaleOptions:
     function_tol: float = 1e-4
     optimizer: str = "sgd"  # sgd: ||dL/dW|| / ||W||; adam: lr / RMS(W)
     residual_init: str = "data"  # data: zero-started branches get a share; timm: kept
-    # the passes' layout (layout.py); auto: channels-last for conv nets on the CPU, not yet
-    # the default: not measured faster for the whole step (benchmarks/README.md)
-    memory_format: str = "auto"  # channels-last for conv nets on the CPU (speed.py)
+    memory_format: str = "auto"  # the passes' layout (layout.py): channels-last for conv
+    # nets on the CPU, contiguous elsewhere (benchmarks/README.md, speed.py)
 
     def within_draws(self, units: list[str], fresh: set[str]) -> dict[str, str]:
         """The units the within-layer step normalises, each with its weight draw (DESIGN 1.3:
