@@ -89,25 +89,18 @@ def test_fed_batchnorms_end_where_train_mode_batchnorm_ends(channels_last, monke
     assert len(set(served)) == 20 and len(served) % (20 * 3) == 0
 
 
-def test_only_a_batchnorm_fed_the_corrected_tensor_itself_takes_the_shortcut(monkeypatch):
+@pytest.mark.parametrize("net,seed,served_expected", [
+    (ActBeforeNorm, 2, {"bn2"}),  # bn1 is fed an activation (a new tensor)
+    (InPlaceActBeforeNorm, 3, set()),  # bn1 is fed the conv's object, changed in place
+])
+def test_only_a_batchnorm_fed_the_corrected_tensor_itself_takes_the_shortcut(
+        net, seed, served_expected, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 16, 16)
     runs = []
     for shortcut in (True, False):
-        torch.manual_seed(2)
-        runs.append(_within(ActBeforeNorm(), x, 2, shortcut, monkeypatch))
+        torch.manual_seed(seed)
+        runs.append(_within(net(), x, 2, shortcut, monkeypatch))
     (fast, served), (plain, _) = runs
     _same(fast, plain)
-    assert set(served) == {"bn2"}
-
-
-def test_a_batchnorm_fed_the_output_changed_in_place_runs_as_usual(monkeypatch):
-    torch.manual_seed(0)
-    x = torch.randn(8, 3, 16, 16)
-    runs = []
-    for shortcut in (True, False):
-        torch.manual_seed(3)
-        runs.append(_within(InPlaceActBeforeNorm(), x, 2, shortcut, monkeypatch))
-    (fast, served), (plain, _) = runs
-    _same(fast, plain)
-    assert not served
+    assert set(served) == served_expected
