@@ -120,15 +120,12 @@ class _Union:
         return len(self.parent) - 1
 
     def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
+        while self.parent[a] != a:  # path halving
+            self.parent[a] = a = self.parent[self.parent[a]]
         return a
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[ra] = rb
+        self.parent[self.find(a)] = self.find(b)
 
 
 @torch.no_grad()
@@ -425,10 +422,7 @@ def _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, r
     index: dict[int, int] = {}
 
     def m(v: int) -> int:
-        r = uf.find(v)
-        if r not in index:
-            index[r] = len(index)
-        return index[r]
+        return index.setdefault(uf.find(v), len(index))
 
     param_var = {k: m(v) for k, v in pvar.items()}
     ins = {u: m(v) for u, v in unit_in.items()}
@@ -447,8 +441,7 @@ def _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, r
     pin_reason: dict[int, str] = {}
     for v, why in pins:
         pin_reason.setdefault(m(v), why)
-    for v in pin_reason:
-        out_rows.append({v: 1.0})
+    out_rows += [{v: 1.0} for v in pin_reason]
     return ScaleGraph(nvars=max(1, len(index)), rows=out_rows, param_var=param_var,
                       slices=dict(slices), unit_in=ins, unit_out=outs, norms=sites,
                       batchnorm_stats=stats, pins=pin_reason, relaxed=relaxed)
