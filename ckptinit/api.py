@@ -198,6 +198,7 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
     report.between_iterations = result.iterations
     report.converged = result.converged
     report.function_check = result.check
+    report.rate_floor, report.rate_floor_units = result.floor, result.floor_units
     counts = {s: sum(u.between_status == s for u in report.units)
               for s in ("pinned", "excluded", "tied", "limited", "balanced")}
     spread_b, spread_a = (_g(report.rate_spread(w)) for w in ("before", "after"))
@@ -211,6 +212,10 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + (f"; {result.batchnorms_reestimated} BatchNorm layers re-estimated"
            if result.batchnorms_reestimated else "")
+        + (f"; no function-preserving move brings it below {_g(result.floor)}: "
+           f"{len(result.floor_units)} units move only together "
+           f"({', '.join(result.floor_units[:3])}{' ...' if len(result.floor_units) > 3 else ''})"
+           if result.floor is not None and result.floor > 1 + options.tol else "")
     )
     report.timings["between"] = time.perf_counter() - t
 

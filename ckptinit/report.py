@@ -73,6 +73,10 @@ class RunReport:
     within_correction: float | None = None  # largest per-channel correction of the last pass
     between_iterations: int = 0
     converged: bool | None = None
+    # no function-preserving move brings the spread below this: the starting spread of the
+    # widest group of units that move only together, and that group
+    rate_floor: float | None = None
+    rate_floor_units: list[str] = field(default_factory=list)
     function_check: FunctionCheck | None = None
     output_std: float | None = None  # the output's std on held-out images, eval mode
     timings: dict[str, float] = field(default_factory=dict)

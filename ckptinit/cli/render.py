@@ -193,8 +193,13 @@ def summary_line(report: RunReport) -> str:
         parts.append(f"{normalised} normalised" + (f" ({'/'.join(draws)} draw)" if draws else ""))
         if report.between_iterations or report.converged is not None:
             movable = counts["ok"] + counts["not converged"]
+            floor = report.rate_floor
+            low = floor is not None and floor > 1 + report.options.get("tol", 0.01)
             parts.append(f"rate spread {_spread(report.rate_spread('before'))} → "
-                         f"{_spread(report.rate_spread('after'))} over {movable} movable units "
+                         f"{_spread(report.rate_spread('after'))}"
+                         + (f" (floor {_spread(floor)}: units that move only together)"
+                            if low else "")
+                         + f" over {movable} movable units "
                          f"in {report.between_iterations} iteration(s)"
                          + ("" if report.converged else ", NOT converged"))
         else:

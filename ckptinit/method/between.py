@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -51,6 +51,9 @@ class BetweenResult:
     target: float  # the common rate reached (not a log)
     check: FunctionCheck | None
     batchnorms_reestimated: int = 0
+    # the widest spread among units that every allowed move scales alike: no move goes below
+    floor: float | None = None
+    floor_units: list[str] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -153,7 +156,27 @@ def rescale_between_(
             f"The between-layer step changed the outputs by {rel:.2e} (relative), above the "
             f"tolerance {function_tol:g}; no checkpoint written. Report this model, or pass "
             "--allow-function-change to accept it.")
-    return BetweenResult(iteration, converged, math.exp(target), check, reestimated)
+    floor, floor_units = _floor(plan, first, targeted)
+    return BetweenResult(iteration, converged, math.exp(target), check, reestimated, floor,
+                         floor_units)
+
+
+def _floor(plan: Plan, first: dict[Key, float], targeted: list[Key]
+           ) -> tuple[float | None, list[str]]:
+    """The widest (max/min) starting spread of a group of targeted units that move only
+    together (a pre-norm stream's writers behind GELU, depthwise convs whose LayerNorm input
+    is held by eps): their ratios survive every function-preserving move."""
+    spreads = [(max(first[k] for k in g) - min(first[k] for k in g), g)
+               for g in plan.together([k for k in targeted if k in first])]
+    if not spreads:
+        return None, []
+    width, group = max(spreads, key=lambda s: s[0])
+    return math.exp(width), [_label(plan, k) for k in group]
+
+
+def _label(plan: Plan, key: Key) -> str:
+    k = plan.slices[key[0]]
+    return key[0] if k == 1 else f"{key[0]}[{SLICE_NAMES.get(k, '0123')[key[1]]}]"
 
 
 def _worst(values: dict[Key, float], targeted: list[Key], tied: set[Key], t: float) -> float:

@@ -70,6 +70,21 @@ class Plan:
     def movable(self, key: Key) -> bool:
         return key not in self.pinned
 
+    def together(self, keys: list[Key]) -> list[list[Key]]:
+        """The groups (two or more) of `keys` that every allowed move scales alike. Their
+        rates keep their ratios, so the widest group's spread is a floor for any spread."""
+        if len(keys) < 2:
+            return []
+        rows = self.basis[[self.var(k) for k in keys]]
+        same = torch.cdist(rows, rows) < 1e-6 * max(1.0, _largest(rows))
+        groups, seen = [], set()
+        for i in range(len(keys)):
+            members = [j for j in same[i].nonzero()[:, 0].tolist() if j not in seen]
+            seen.update(members)
+            if len(members) > 1:
+                groups.append([keys[j] for j in members])
+        return groups
+
 
 def plan_moves(
     model: nn.Module,

@@ -203,6 +203,11 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
                      f"{_num(report.get('rate_spread_before'))}× before, "
                      f"{_num(report.get('rate_spread_after'))}× after ({iters} "
                      f"iteration(s), {done}).")
+        floor = report.get("rate_floor")
+        if floor is not None and floor > 1 + (report.get("options") or {}).get("tol", 0.01):
+            lines.append(f"- No function-preserving move brings that spread below "
+                         f"{_num(floor)}×: {len(report.get('rate_floor_units') or [])} units "
+                         "move only together and keep their ratios.")
     else:
         lines.append("- The between-layer step did not run.")
     counts = Counter(_status(u) for u in units)

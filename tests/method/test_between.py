@@ -169,6 +169,39 @@ def test_adam_equalises_lr_over_rms_and_keeps_the_function(name, kwargs, statuse
     assert max(rms.values()) / min(rms.values()) <= 1.25
 
 
+def test_the_report_names_the_floor_that_units_moving_together_keep():
+    # a loaded pre-norm ViT: patch_embed and every fc2 write one stream behind GELU, so no
+    # function-preserving move changes the ratios of their RMS(W); that spread is the floor
+    from ckptinit.cli.render import summary_line
+    from ckptinit.output.card import render_card
+
+    torch.manual_seed(0)
+    model = pretend_trained(timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                                              num_classes=10, img_size=32, patch_size=8, depth=3))
+    writers = ["patch_embed.proj"] + [f"blocks.{i}.mlp.fc2" for i in range(3)]
+
+    def rms(net):
+        return {n: float(m.weight.detach().double().pow(2).mean().sqrt())
+                for n, m in net.named_modules() if n in writers}
+
+    before = rms(model)
+    x = smooth_images(40, 32, seed=6)
+    model, report = rescale(model, x[:32], RescaleOptions(**LOADED, optimizer="adam",
+                                                          batch_size=32), fresh=(),
+                            holdout=x[32:])
+    after = rms(model)
+    assert sorted(report.rate_floor_units) == sorted(writers)
+    assert report.rate_floor == pytest.approx(max(before.values()) / min(before.values()),
+                                              rel=1e-6)
+    assert report.rate_floor > 1.1
+    for n in writers:  # the ratios survive, as the floor claims
+        assert after[n] / after[writers[0]] == pytest.approx(before[n] / before[writers[0]],
+                                                             rel=1e-6)
+    assert report.rate_spread("after") >= report.rate_floor * (1 - 1e-6)
+    assert "floor" in summary_line(report)
+    assert "move only together" in render_card(report)
+
+
 class SiLUBN(nn.Module):
     """conv -> SiLU -> conv -> BN: a fresh pair moved through SiLU changes what the BN sees."""
 
