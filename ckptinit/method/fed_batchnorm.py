@@ -14,6 +14,7 @@ about 5 % (benchmarks/README.md).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -28,11 +29,12 @@ class FedBatchNorms:
 
     def __init__(self, bns: Iterable[_BatchNorm]) -> None:
         self.bns = [m for m in bns if m.track_running_stats and m.running_mean is not None]
-        self.last: tuple[torch.Tensor, int, Moments] | None = None
+        # a weak reference: holding the output would keep one activation alive past its use
+        self.last: tuple[weakref.ref, int, Moments] | None = None
         self.pending: dict[_BatchNorm, tuple] = {}
 
     def offer(self, out: torch.Tensor, moments: Moments) -> None:
-        self.last = (out, out._version, moments)
+        self.last = (weakref.ref(out), out._version, moments)
 
     def handles(self) -> list:
         return [h for m in self.bns for h in (m.register_forward_pre_hook(self._pre),
@@ -40,7 +42,7 @@ class FedBatchNorms:
 
     def _pre(self, module: _BatchNorm, args) -> None:
         last = self.last
-        if (last is None or args[0] is not last[0] or args[0]._version != last[1]
+        if (last is None or args[0] is not last[0]() or args[0]._version != last[1]
                 or not module.training or module.momentum is not None or last[2].count <= 1):
             return
         mom = last[2]
