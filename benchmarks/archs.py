@@ -297,6 +297,13 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
         )
         for w in ("photos", "crops"):
             row[f"spread_{w}"] = [spread(before_r[w], keys), spread(after_r[w], keys)]
+        # the floor the report claims (units that move only together keep their ratios),
+        # and that group's spread measured here before and after
+        group = rep.get("rate_floor_units") or []
+        row["floor"], row["floor_units"] = rep.get("rate_floor"), len(group)
+        row["floor_group_spread"] = ([spread(rms_before, group), spread(rms(after), group)]
+                                     if not sgd else [spread(before_r["crops"], group),
+                                                      spread(after_r["crops"], group)])
         if opts.unit_rates:
             row["unit_rates_crops"] = {k: [before_r["crops"].get(k), after_r["crops"].get(k)]
                                        for k in keys}
