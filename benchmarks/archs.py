@@ -347,12 +347,12 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archs", nargs="*")
+    ap.add_argument("--archs", nargs="*", help="the table's archs by name, or any other timm name")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, help="input size override (default: the model's)")
     ap.add_argument("--check-images", type=int, default=32)
     ap.add_argument("--draws", type=int, default=8)
-    ap.add_argument("--quick", action="store_true", help="16 images, 4 draws, 128 px CNNs")
+    ap.add_argument("--quick", action="store_true", help="16 images, 4 draws, 16 check images")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--unit-rates", action="store_true",
                     help="keep every movable unit's rate on the crops, before and after")
@@ -368,7 +368,9 @@ def main() -> None:
     if opts.quick:
         opts.images, opts.draws, opts.check_images = 16, 4, 16
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    archs = [a for a in ARCHS if not opts.archs or a[0] in opts.archs]
+    known = {a[0] for a in ARCHS}
+    archs = [a for a in ARCHS if not opts.archs or a[0] in opts.archs] + [
+        (n, {}) for n in opts.archs or [] if n not in known]  # any other timm name, as is
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, kwargs) in enumerate(archs):
