@@ -29,12 +29,30 @@ def wants_channels_last(model: nn.Module, device: torch.device, mode: str) -> bo
     for transformers or conv-MLP hybrids whose time goes to Linear layers."""
     if mode == "contiguous":
         return False
+    unsafe = _onednn_unsafe(model) if torch.device(device).type == "cpu" else None
+    if unsafe is not None:
+        (log.warning if mode == "channels-last" else log.debug)(
+            "passes run contiguous: %s is a strided 1x1 convolution with fewer than 16 input "
+            "channels, whose channels-last weight gradient corrupts memory on the CPU "
+            "(oneDNN issue 6035)", unsafe)
+        return False
     units = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d,
                                                           nn.Linear))]
     convs = sum(isinstance(m, nn.Conv2d) for m in units)
     if mode == "channels-last":
         return convs > 0
     return torch.device(device).type == "cpu" and convs > 0 and 2 * convs >= len(units)
+
+
+def _onednn_unsafe(model: nn.Module) -> str | None:
+    """The first 2-D 1x1 convolution with a stride and under 16 input channels per group:
+    oneDNN's channels-last backward-weights kernel for it writes past its workspace (heap
+    corruption or wrong gradients; uxlfoundation/oneDNN#6035, RepVGG's stem)."""
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+                and max(m.stride) > 1 and m.in_channels // m.groups < 16):
+            return name
+    return None
 
 
 @contextlib.contextmanager

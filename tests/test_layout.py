@@ -41,6 +41,20 @@ def test_which_models_run_channels_last():
     assert not wants_channels_last(nn.Linear(3, 3), CPU, "channels-last")
 
 
+def test_a_strided_1x1_conv_on_few_channels_keeps_the_contiguous_layout(caplog):
+    # oneDNN's channels-last weight gradient of such a conv corrupts the heap (RepVGG's stem:
+    # `ckptinit rescale repvgg_a0` died with "free(): invalid size"); 16 channels are fine
+    def net(cin: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, 8, 1, stride=stride), nn.Conv2d(8, 8, 3))
+
+    assert not wants_channels_last(net(3, 2), CPU, "auto")
+    assert not wants_channels_last(net(12, 2), CPU, "channels-last")
+    assert "oneDNN" in caplog.text
+    assert wants_channels_last(net(16, 2), CPU, "auto")
+    assert wants_channels_last(net(3, 1), CPU, "auto")
+    assert not wants_channels_last(timm.create_model("repvgg_a0", pretrained=False), CPU, "auto")
+
+
 def test_the_layout_comes_back_and_changes_are_kept():
     model = _Blur()
     model.conv.weight.data = model.conv.weight.data.contiguous(

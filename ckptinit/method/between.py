@@ -42,6 +42,7 @@ TIED_FACTOR = 3.0  # a unit predicted to stay this many tolerances off target is
 TIED_WEIGHT = 1e-2  # tied units still count a little: they are balanced, not dropped
 RELAX_PENALTY = 0.05  # the cost of a relaxed (approximate) move, against 2 for a rate
 SLICE_NAMES = {2: "kv", 3: "qkv"}
+STALL = 0.1  # a solve that moves no rate by this share of the tolerance has nothing left
 
 
 @dataclass
@@ -121,6 +122,13 @@ def rescale_between_(
                                           - ref)) for k in counted}
         if _worst(values, targeted, tied, target) <= math.log1p(tol) or iteration >= iters:
             converged = _worst(values, targeted, tied, target) <= math.log1p(tol)
+            break
+        if max(abs(response * float(z[plan.var(k)])) for k in targeted) < STALL * tol:
+            # the bounds and guards hold every unit where it is: another round of gradient
+            # draws would find the same solve; the units left off target are held back
+            tied.update(k for k in targeted if k in values
+                        and abs(values[k] - target) > math.log1p(tol))
+            converged = True
             break
         iteration += 1
         note(f"between-layer iteration {iteration}")

@@ -28,6 +28,7 @@ from .solve import (
     norm_bounds,
     null_space,
     reach,
+    running_var_bounds,
     scale_bounds,
 )
 from .units import Unit, calibration_mode
@@ -138,7 +139,8 @@ def plan_moves(
     plan.renormalise = [u.name for u in units if graph.unit_in.get(u.name) in graph.relaxed]
     plan.approximate = approximate | set(plan.renormalise) | {
         u.name for u in units if graph.unit_out.get(u.name) in graph.relaxed}
-    plan.boxes = [b for b in norms if b not in narrow] + scale_bounds(graph, basis)
+    plan.boxes = ([b for b in norms if b not in narrow] + scale_bounds(graph, basis)
+                  + running_var_bounds(graph, dict(model.named_buffers())))
     plan.compensation = _compensations(model, plan)
     return plan
 

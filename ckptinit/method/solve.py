@@ -73,6 +73,23 @@ def norm_bounds(graph: ScaleGraph, budget: float = EPS_BUDGET,
     return boxes
 
 
+def running_var_bounds(graph: ScaleGraph, buffers: dict[str, torch.Tensor]) -> list[Box]:
+    """Eval mode stays exact while p^2 (var + eps) >= eps for every channel's running
+    variance (moves.apply_scales_): a BatchNorm whose smallest running variance is near 0
+    (a channel dead on the calibration images, a RepVGG identity branch) may not shrink
+    its input below p = sqrt(eps / (var + eps))."""
+    boxes = []
+    for _, rv, v, eps in graph.batchnorm_stats:
+        t = buffers.get(rv)
+        if t is None or not t.numel():
+            continue
+        low = max(float(t.detach().double().min()), 0.0)
+        lo = 0.5 * math.log(eps / (low + eps)) if eps > 0 else -math.inf
+        if lo > -math.log(MAX_SCALE):
+            boxes.append(Box({v: 1.0}, lo, math.inf))
+    return boxes
+
+
 def scale_bounds(graph: ScaleGraph, basis: torch.Tensor) -> list[Box]:
     """|log scale| <= log(MAX_SCALE) for every variable that can move at all."""
     limit = math.log(MAX_SCALE)

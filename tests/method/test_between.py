@@ -202,6 +202,62 @@ def test_the_report_names_the_floor_that_units_moving_together_keep():
     assert "move only together" in render_card(report)
 
 
+def test_a_solve_that_can_move_nothing_more_stops():
+    # a pretend-trained test_vit: after one round the guards hold a few units just off the
+    # target, and each further round of gradient draws found the same solve (10 rounds,
+    # "NOT converged", the same weights): they are held back, and the step stops
+    torch.manual_seed(2)
+    model = pretend_trained(timm.create_model("test_vit", pretrained=False, num_classes=10), 2)
+    x = smooth_images(40, 32, seed=6)
+    y0 = outputs(model, x[32:])
+    model, report = rescale(model, x[:32], RescaleOptions(**LOADED, batch_size=32), fresh=(),
+                            holdout=x[32:])
+    assert report.between_iterations <= 2
+    assert report.converged
+    statuses = {u.between_status for u in report.units}
+    assert "not converged" not in statuses and "limited" in statuses
+    assert rel_change(outputs(model, x[32:]), y0) <= 1e-4
+
+
+class IdentityBN(nn.Module):
+    """A RepVGG-like block: the stream goes through a BatchNorm on its own (the identity
+    branch) and through conv -> BN, summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.identity = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.identity(x) + self.bn2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_near_zero_running_variance_bounds_the_move():
+    # the identity BatchNorm's running variance of channel 0 is near 0 (nearly dead in
+    # training), and c1 is 10x too large, so the solve wants to shrink the stream: eval
+    # mode then has no exact compensation (p^2 (var + eps) < eps) and the check refused it
+    torch.manual_seed(0)
+    model = IdentityBN()
+    x = smooth_images(40, 16, seed=3)
+    with torch.no_grad():
+        model.c1.weight.mul_(10)
+        model.train()
+        for _ in range(3):
+            model(x[:32])
+        model.identity.running_var[0] = 1e-9
+    model.eval()
+    y0 = outputs(model, x[32:])
+    model, report = rescale(model, x[:32], RescaleOptions(**LOADED, batch_size=32), fresh=(),
+                            holdout=x[32:])
+    assert rel_change(outputs(model, x[32:]), y0) <= 1e-4
+    assert report.unit("c1").r > 0.99  # a free solve shrinks it about 10x
+
+
 class SiLUBN(nn.Module):
     """conv -> SiLU -> conv -> BN: a fresh pair moved through SiLU changes what the BN sees."""
 
