@@ -193,7 +193,7 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
         model, plan, batches, holdout, records, batchnorm_order=scan.batchnorm_order,
         grad_batches=options.grad_batches, damping=options.damping, tol=options.tol,
         iters=options.iters, seed=options.seed, function_tol=options.function_tol,
-        optimizer=options.optimizer, progress=note,
+        optimizer=options.optimizer, scale_free=scan.scale_free, progress=note,
     )
     report.between_iterations = result.iterations
     report.converged = result.converged
@@ -256,6 +256,7 @@ def measure(
 
 
 def _measure(model, images, options, device, fresh) -> RunReport:
+    from .method.between import SCALE_FREE
     from .method.moves import plan_moves
     from .method.rates import estimate_rates
     from .method.units import calibration_mode
@@ -284,6 +285,8 @@ def _measure(model, images, options, device, fresh) -> RunReport:
         key = (u.name, plan.slices[u.name] - 1)
         if key in plan.pinned:
             rec.between_status, rec.between_reason = "pinned", plan.pinned[key]
+        elif u.name in scan.scale_free:
+            rec.between_status, rec.between_reason = "excluded", SCALE_FREE
         elif not rec.rate_before > 0:
             rec.between_status, rec.between_reason = "excluded", "zero gradient"
         elif key in plan.pair_reason:

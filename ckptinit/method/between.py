@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -42,6 +42,8 @@ TIED_FACTOR = 3.0  # a unit predicted to stay this many tolerances off target is
 TIED_WEIGHT = 1e-2  # tied units still count a little: they are balanced, not dropped
 RELAX_PENALTY = 0.05  # the cost of a relaxed (approximate) move, against 2 for a rate
 SLICE_NAMES = {2: "kv", 3: "qkv"}
+SCALE_FREE = ("zero gradient: its one weight per channel is normalised away by the "
+              "BatchNorm after it")
 STALL = 0.1  # a solve that moves no rate by this share of the tolerance has nothing left
 
 
@@ -85,6 +87,7 @@ def rescale_between_(
     seed: int = 0,
     function_tol: float = 1e-4,
     optimizer: str = "sgd",
+    scale_free: Collection[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> BetweenResult:
     """Equalise the change rates (SGD's ||dL/dW||/||W||, or Adam's lr/RMS(W)) of the movable
@@ -102,7 +105,9 @@ def rescale_between_(
     first = dict(values)
     response = -1.0 if adam else -2.0
     movable = [k for k in plan.keys if plan.movable(k)]
-    excluded = {k for k in movable if k not in sgd}  # no gradient: never moves in training
+    # no gradient: never moves in training (a scale-free unit's is round-off)
+    excluded = {k: SCALE_FREE if k[0] in scale_free else "zero gradient"
+                for k in movable if k not in sgd or k[0] in scale_free}
     targeted = [k for k in movable if k not in excluded and k not in plan.balanced]
     counted = [k for k in movable if k not in excluded]
     t0 = sum(first[k] for k in targeted) / len(targeted) if targeted else 0.0
@@ -348,7 +353,7 @@ def _status(plan, key, values, target, tol, excluded, tied) -> tuple[str, str | 
     if key in plan.pinned:
         return "pinned", plan.pinned[key]
     if key in excluded:
-        return "excluded", "zero gradient"
+        return "excluded", excluded[key]
     if key in plan.balanced:
         return "balanced", plan.pair_reason.get(
             key, "attention temperature: balanced with its partner, not targeted")

@@ -58,6 +58,10 @@ class UnitScan:
     batchnorm_order: dict[str, int]  # BN module name -> position among all leaf calls
     gates: set[str] = field(default_factory=set)  # units whose output is a gate's logit
     outputs: set[str] = field(default_factory=set)  # units whose output is the model's
+    # units with one weight per output channel whose output goes straight into a BatchNorm:
+    # train mode normalises that weight away, so their gradient is round-off (FastViT's and
+    # MobileOne's 1x1 depthwise scale branches)
+    scale_free: set[str] = field(default_factory=set)
 
 
 @contextmanager
@@ -147,8 +151,10 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
     never = [n for n in candidates if n not in seen]
     if never:
         log.info("%d units are never called in the forward pass: %s", len(never), never[:5])
+    scale_free = {u.name for u in units if u.name in flow.batch_normed
+                  and u.module.weight[0].numel() == 1}
     return UnitScan(units=units, never_called=never, batchnorm_order=bn_order,
-                    gates=flow.gates, outputs=heads - {None})
+                    gates=flow.gates, outputs=heads - {None}, scale_free=scale_free)
 
 
 class _FlowFinder(TorchFunctionMode):
@@ -163,6 +169,7 @@ class _FlowFinder(TorchFunctionMode):
         self.logits: dict[int, tuple[torch.Tensor, str]] = {}
         self.gated: dict[int, tuple[torch.Tensor, tuple[str, int]]] = {}  # unit, gate numel
         self.gates: set[str] = set()
+        self.batch_normed: set[str] = set()  # units whose output a BatchNorm normalises
 
     def unit_hook(self, name: str):
         def hook(module, args, out):
@@ -179,6 +186,8 @@ class _FlowFinder(TorchFunctionMode):
             return out
         passes = name in _VIEW_OPS or (name in _SHIFT_OPS and len(tensors) == 1)
         unit = self.get(self.logits, tensors[0])
+        if unit is not None and name == "batch_norm":
+            self.batch_normed.add(unit)
         if unit is not None and name in _GATE_OPS:
             self.gated[id(out)] = (out, (unit, out.numel()))
         elif unit is not None and passes:
