@@ -161,12 +161,26 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
                             "calibration images")
     check_heldout(model, scan.units, holdout_batches, report, options.head_std,
                   drawn=bool(targets) and any(d != "keep" for d in draws.values()))
-    if scan.never_called:
-        report.notes.append(f"{len(scan.never_called)} unit(s) never called in the forward "
-                            f"pass, left as they are: {', '.join(scan.never_called[:5])}")
+    _never_called_notes(scan, report)
     report.timings["total"] = time.perf_counter() - t0
     _undefined_to_none(report)
     return report
+
+
+def _never_called_notes(scan, report) -> None:
+    functional = set(scan.functional)
+    idle = [n for n in scan.never_called if n not in functional]
+    if idle:
+        report.notes.append(f"{len(idle)} unit(s) never called in the forward pass, left as "
+                            f"they are: {', '.join(idle[:5])}")
+    if functional:
+        report.notes.append(
+            f"WARNING: {len(functional)} unit(s) are used through their weight by functional "
+            f"code, not called ({', '.join(scan.functional[:3])}"
+            f"{' ...' if len(functional) > 3 else ''}; timm's EVA and BEiT attention: "
+            "F.linear(x, self.qkv.weight, qkv_bias)): no step sees their outputs, so they "
+            "keep timm's init and the units they feed cannot move (tied): the result may "
+            "be a worse start than timm's init; compare with `ckptinit measure`")
 
 
 def _share_branches(model, sample, report) -> None:

@@ -23,6 +23,7 @@ _GATE_OPS = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "re
                        "hardtanh", "hardtanh_", "clamp", "clip"})
 _VIEW_OPS = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
                        "expand_as", "contiguous", "to", "float", "permute", "transpose"})
+_AFFINE_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 _SHIFT_OPS = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "div", "__truediv__"})
 
 
@@ -62,6 +63,9 @@ class UnitScan:
     # train mode normalises that weight away, so their gradient is round-off (FastViT's and
     # MobileOne's 1x1 depthwise scale branches)
     scale_free: set[str] = field(default_factory=set)
+    # never called, but their weight is used by functional code (timm's EVA and BEiT
+    # attention: F.linear(x, self.qkv.weight, qkv_bias)): no hook sees them
+    functional: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -153,8 +157,17 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
         log.info("%d units are never called in the forward pass: %s", len(never), never[:5])
     scale_free = {u.name for u in units if u.name in flow.batch_normed
                   and u.module.weight[0].numel() == 1}
+    called = {id(u.module.weight) for u in units}  # a weight tied to a called unit is seen
+    functional = [n for n in never if id(candidates[n].weight) in flow.weights_used
+                  and id(candidates[n].weight) not in called]
+    if functional:
+        log.warning("%d unit(s) are used through their weight by functional code, not "
+                    "called (%s): no step can see their outputs, so they are left as they "
+                    "are and what they feed cannot move", len(functional),
+                    ", ".join(functional[:3]) + (" ..." if len(functional) > 3 else ""))
     return UnitScan(units=units, never_called=never, batchnorm_order=bn_order,
-                    gates=flow.gates, outputs=heads - {None}, scale_free=scale_free)
+                    gates=flow.gates, outputs=heads - {None}, scale_free=scale_free,
+                    functional=functional)
 
 
 class _FlowFinder(TorchFunctionMode):
@@ -170,6 +183,7 @@ class _FlowFinder(TorchFunctionMode):
         self.gated: dict[int, tuple[torch.Tensor, tuple[str, int]]] = {}  # unit, gate numel
         self.gates: set[str] = set()
         self.batch_normed: set[str] = set()  # units whose output a BatchNorm normalises
+        self.weights_used: set[int] = set()  # ids of the weights linear/conv ops were given
 
     def unit_hook(self, name: str):
         def hook(module, args, out):
@@ -181,6 +195,9 @@ class _FlowFinder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
+        if name in _AFFINE_OPS:
+            weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+            self.weights_used.add(id(weight))
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not tensors or not isinstance(out, torch.Tensor):
             return out
