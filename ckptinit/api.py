@@ -270,7 +270,7 @@ def measure(
 
 
 def _measure(model, images, options, device, fresh) -> RunReport:
-    from .method.between import SCALE_FREE
+    from .method.between import SCALE_FREE, confirmed_scale_free
     from .method.moves import plan_moves
     from .method.rates import estimate_rates
     from .method.units import calibration_mode
@@ -292,6 +292,7 @@ def _measure(model, images, options, device, fresh) -> RunReport:
     plan = plan_moves(model, scan.units, sample, fresh_set, options.allow_function_change)
     rates = estimate_rates(model, scan.units, batches, options.grad_batches, options.seed,
                            plan.slices)
+    scale_free = confirmed_scale_free(scan.scale_free, rates.log_rates())
     for u in scan.units:
         rec = records[u.name]
         rec.rate_before = rates.rate(u.name)
@@ -299,7 +300,7 @@ def _measure(model, images, options, device, fresh) -> RunReport:
         key = (u.name, plan.slices[u.name] - 1)
         if key in plan.pinned:
             rec.between_status, rec.between_reason = "pinned", plan.pinned[key]
-        elif u.name in scan.scale_free:
+        elif key in scale_free:
             rec.between_status, rec.between_reason = "excluded", SCALE_FREE
         elif not rec.rate_before > 0:
             rec.between_status, rec.between_reason = "excluded", "zero gradient"

@@ -44,6 +44,7 @@ RELAX_PENALTY = 0.05  # the cost of a relaxed (approximate) move, against 2 for 
 SLICE_NAMES = {2: "kv", 3: "qkv"}
 SCALE_FREE = ("zero gradient: its one weight per channel is normalised away by the "
               "BatchNorm after it")
+SCALE_FREE_RATE = 1e-2
 STALL = 0.1  # a solve that moves no rate by this share of the tolerance has nothing left
 
 
@@ -106,8 +107,9 @@ def rescale_between_(
     response = -1.0 if adam else -2.0
     movable = [k for k in plan.keys if plan.movable(k)]
     # no gradient: never moves in training (a scale-free unit's is round-off)
-    excluded = {k: SCALE_FREE if k[0] in scale_free else "zero gradient"
-                for k in movable if k not in sgd or k[0] in scale_free}
+    free_of_scale = confirmed_scale_free(scale_free, sgd)
+    excluded = {k: SCALE_FREE if k in free_of_scale else "zero gradient"
+                for k in movable if k not in sgd or k in free_of_scale}
     targeted = [k for k in movable if k not in excluded and k not in plan.balanced]
     counted = [k for k in movable if k not in excluded]
     t0 = sum(first[k] for k in targeted) / len(targeted) if targeted else 0.0
@@ -172,6 +174,17 @@ def rescale_between_(
     floor, floor_units = _floor(plan, first, targeted)
     return BetweenResult(iteration, converged, math.exp(target), check, reestimated, floor,
                          floor_units)
+
+
+def confirmed_scale_free(names: Collection[str], log_rates: dict[Key, float]) -> set[Key]:
+    """The slices of the scan's scale-free units (units.py) whose measured rate agrees: below
+    SCALE_FREE_RATE of the median rate (round-off is 2.5e-3 of it in fastvit_t8); a unit whose
+    output also reaches the loss another way keeps its rate and stays in."""
+    if not names or not log_rates:
+        return set()
+    median = sorted(log_rates.values())[len(log_rates) // 2]
+    return {k for k, v in log_rates.items()
+            if k[0] in names and v < median + math.log(SCALE_FREE_RATE)}
 
 
 def _floor(plan: Plan, first: dict[Key, float], targeted: list[Key]

@@ -223,8 +223,9 @@ class TwoBranch(nn.Module):
     """conv -> BN plus a second branch, summed: a BatchNorm on its own (RepVGG's identity
     branch) or a 1x1 depthwise "scale" conv -> BN (MobileOne's and FastViT's)."""
 
-    def __init__(self, scale_branch: bool):
+    def __init__(self, scale_branch: bool, leak: bool = False):
         super().__init__()
+        self.leak = leak  # the scale branch also reaches the sum without its BatchNorm
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(8)
@@ -234,7 +235,8 @@ class TwoBranch(nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.c1(x))
-        x = torch.relu(self.bn2(self.c2(x)) + self.other(self.scale(x)))
+        y = self.scale(x)
+        x = torch.relu(self.bn2(self.c2(x)) + self.other(y) + (0.5 * y if self.leak else 0))
         return self.fc(x.mean((2, 3)))
 
 
@@ -273,6 +275,11 @@ def test_a_weight_the_batchnorm_normalises_away_is_left_out():
     others = [r[k] for k in ("c1", "c2", "fc")]
     assert r["scale"] < 1e-3 * min(others)  # measured here: no gradient to speak of
     assert spread(r, ["c1", "c2", "fc"]) < 1.5
+    # the same unit whose output also reaches the sum directly has a gradient: it stays in
+    torch.manual_seed(0)
+    _, report = rescale(TwoBranch(scale_branch=True, leak=True), x[:32],
+                        RescaleOptions(batch_size=32), holdout=x[32:40])
+    assert report.unit("scale").between_status != "excluded"
 
 
 class SiLUBN(nn.Module):
