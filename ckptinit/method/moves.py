@@ -80,6 +80,8 @@ class Plan:
         same = torch.cdist(rows, rows) < 1e-6 * max(1.0, _largest(rows))
         groups, seen = [], set()
         for i in range(len(keys)):
+            if i in seen:
+                continue
             members = [j for j in same[i].nonzero()[:, 0].tolist() if j not in seen]
             seen.update(members)
             if len(members) > 1:
