@@ -52,6 +52,14 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
+def listing(names: list[str], limit: int = 2, prefix: str = "") -> str:
+    """'prefix a, b +3': the first `limit` names and how many more ('' for none)."""
+    if not names:
+        return ""
+    text = ", ".join(names[:limit]) + (f" +{len(names) - limit}" if len(names) > limit else "")
+    return f"{prefix} {text}".strip()
+
+
 def count(n: int, noun: str) -> str:
     """'1 image', '3 images'."""
     return f"{n} {noun}{'' if n == 1 else 's'}"

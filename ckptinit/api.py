@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._helpers import listing
 from .data.batches import BatchesLike, as_batches, first_images
 from .device import (
     on_device,
@@ -176,8 +177,7 @@ def _never_called_notes(scan, report) -> None:
     if functional:
         report.notes.append(
             f"WARNING: {len(functional)} unit(s) are used through their weight by functional "
-            f"code, not called ({', '.join(scan.functional[:3])}"
-            f"{' ...' if len(functional) > 3 else ''}; timm's EVA and BEiT attention: "
+            f"code, not called ({listing(scan.functional, 3)}; timm's EVA and BEiT attention: "
             "F.linear(x, self.qkv.weight, qkv_bias)): no step sees their outputs, so they "
             "keep timm's init and the units they feed cannot move (tied): the result may "
             "be a worse start than timm's init; compare with `ckptinit measure`")
@@ -228,7 +228,7 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
            if result.batchnorms_reestimated else "")
         + (f"; no function-preserving move brings it below {_g(result.floor)}: "
            f"{len(result.floor_units)} units move only together "
-           f"({', '.join(result.floor_units[:3])}{' ...' if len(result.floor_units) > 3 else ''})"
+           f"({listing(result.floor_units, 3)})"
            if result.floor is not None and result.floor > 1 + options.tol else "")
     )
     report.timings["between"] = time.perf_counter() - t

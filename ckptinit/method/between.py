@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Collection, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -182,7 +183,7 @@ def confirmed_scale_free(names: Collection[str], log_rates: dict[Key, float]) ->
     output also reaches the loss another way keeps its rate and stays in."""
     if not names or not log_rates:
         return set()
-    median = sorted(log_rates.values())[len(log_rates) // 2]
+    median = statistics.median(log_rates.values())
     return {k for k, v in log_rates.items()
             if k[0] in names and v < median + math.log(SCALE_FREE_RATE)}
 

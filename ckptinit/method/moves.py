@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._helpers import listing
 from .rates import Key
 from .scales import ScaleGraph, trace_scales
 from .solve import (
@@ -251,11 +252,11 @@ def _compensations(model: nn.Module, plan: Plan) -> dict[str, str]:
         if float(others.max()) > 1e-6 or abs(float(z[unit_vars[j]]) - 1) > 1e-6:
             tied = [keys[i][0] for i in others.argsort(descending=True).tolist()
                     if float(others[i]) > 0.05]
-            out[key[0]] = _listing("moves only with", tied)
+            out[key[0]] = listing(tied, prefix="moves only with")
             continue
         touched = sorted(((abs(float(z[v])), n) for v, ns in names.items() for n in ns
                           if abs(float(z[v])) > 0.05), reverse=True)
-        out[key[0]] = _listing("", list(dict.fromkeys(n for _, n in touched))) or "none needed"
+        out[key[0]] = listing(list(dict.fromkeys(n for _, n in touched))) or "none needed"
     return out
 
 
@@ -269,13 +270,6 @@ def _local_move(basis: torch.Tensor, p: torch.Tensor, j: int, input_var: int | N
     b[j] = 1.0
     y = torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0]
     return y if float((a @ y - b).abs().max()) < 1e-6 else None
-
-
-def _listing(prefix: str, names: list[str], limit: int = 2) -> str:
-    if not names:
-        return ""
-    text = ", ".join(names[:limit]) + (f" +{len(names) - limit}" if len(names) > limit else "")
-    return f"{prefix} {text}".strip()
 
 
 @torch.no_grad()

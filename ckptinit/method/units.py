@@ -14,6 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .._helpers import listing
+
 log = logging.getLogger(__name__)
 
 UNIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -164,7 +166,7 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
         log.warning("%d unit(s) are used through their weight by functional code, not "
                     "called (%s): no step can see their outputs, so they are left as they "
                     "are and what they feed cannot move", len(functional),
-                    ", ".join(functional[:3]) + (" ..." if len(functional) > 3 else ""))
+                    listing(functional, 3))
     return UnitScan(units=units, never_called=never, batchnorm_order=bn_order,
                     gates=flow.gates, outputs=heads - {None}, scale_free=scale_free,
                     functional=functional)
