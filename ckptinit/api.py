@@ -24,7 +24,7 @@ from .device import (
 from .errors import UsageError
 from .layout import memory_layout
 from .method.heldout import check_heldout
-from .method.units import scan_units
+from .method.units import called_units, scan_units
 from .method.within import normalize_within_
 from .options import (
     RescaleOptions,
@@ -83,7 +83,7 @@ def rescale(
     """
     options = (options or RescaleOptions()).check()
     with on_device(model, options.device) as run, _batchnorm_needs_a_batch(), \
-            memory_layout(model, run.device, options.memory_format):
+            memory_layout(model, run.device, options.memory_format), called_units(model):
         report = _rescale(model, images, options, run.device, fresh, holdout, progress)
         report.resources = run.resources()
     return model, report
@@ -218,8 +218,10 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
     spread_b, spread_a = (_g(report.rate_spread(w)) for w in ("before", "after"))
     rate = "lr/RMS(W) (Adam)" if options.optimizer == "adam" else "change rate"
     free = any(u.between_status in ("ok", "not converged") for u in report.units)
+    held = any(u.between_status == "limited" for u in report.units)
     outcome = (f"{'converged' if result.converged else 'NOT converged'} within "
-               f"{options.tol:.0%}") if free else "no unit was free to move"
+               f"{options.tol:.0%}") if free else \
+        "every movable unit held back by a bound" if held else "no unit was free to move"
     report.notes.append(
         f"between-layer: {result.iterations} iteration(s), {outcome}; "
         f"{rate} spread (max/min, movable units) {spread_b} -> {spread_a}; "
@@ -263,7 +265,7 @@ def measure(
     """
     options = (options or RescaleOptions()).check()
     with on_device(model, options.device) as run, \
-            memory_layout(model, run.device, options.memory_format):
+            memory_layout(model, run.device, options.memory_format), called_units(model):
         report = _measure(model, images, options, run.device, fresh)
         report.resources = run.resources()
     return report

@@ -31,7 +31,7 @@ from .cost import (
     measure_footprint,
 )
 from .moves import Plan, plan_moves
-from .units import Unit, calibration_mode, removing, scan_units
+from .units import Unit, calibration_mode, called_units, removing, scan_units
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def dry_run(
     sample = torch.randn(SCAN_IMAGES, *input_size, generator=gen).to(device)
     # small passes: spinning threads cost more than they give; BatchNorm statistics and
     # train/eval modes are put back (the residual-branch search runs in the caller's mode)
-    with one_thread(device), calibration_mode(model):
+    with one_thread(device), calibration_mode(model), called_units(model):
         scan = scan_units(model, sample)
         names = [u.name for u in scan.units]
         fresh_set = set(names) if fresh is None else set(fresh)

@@ -40,6 +40,7 @@ HOMOGENEOUS = frozenset({
     "upsample", "upsample_nearest2d", "upsample_bilinear2d", "pixel_shuffle", "pixel_unshuffle",
     "unfold", "fold", "channel_shuffle", "masked_fill", "pad", "clamp", "clamp_", "clip",
 })
+LIKE = frozenset({"type_as", "expand_as", "view_as", "reshape_as", "to"})  # x.op(other)
 ADDITIVE = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
                       "__rsub__", "__isub__", "cat", "concat", "concatenate", "stack", "hstack",
                       "vstack", "where"})
@@ -211,7 +212,8 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
         if id(t) in params:
             return param_vars(params[id(t)])
         v = uf.new()  # a constant: a buffer, a mask, a fixed embedding
-        pins.append((v, "a constant"))
+        if not (t.is_floating_point() and not t.any()):  # zeros take any scale
+            pins.append((v, "a constant"))
         return [v]
 
     def one(vs: list[int]) -> int:
@@ -308,8 +310,21 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
         if name in _SLICE_KEEP and len(ins) == 1 and len(ins[0]) > 1:
             give(outs, list(ins[0]))
             return
+        if name in LIKE and ins and len(fins) == 2:  # the other tensor gives a type or a shape
+            give(outs, [one(ins[0])])
+            return
         if name in HOMOGENEOUS and len(ins) == 1 and _homogeneous_args(name, args, kwargs):
             give(outs, [one(ins[0])])
+            return
+        if name in JOINING and _bias_pieces(args, kwargs, fins):
+            give(outs, [one(v) for v in ins])  # cat(q_bias, k_bias, v_bias): one per slice
+            return
+        if (name in ADDITIVE and name not in JOINING and len(ins) > 1 and len(ins[0]) > 1
+                and all(len(v) == len(ins[0]) for v in ins)
+                and len({t.shape[-1] for t in fins}) == 1 and not numbers):
+            for vs in zip(*ins):  # a fused output plus its per-slice bias: slice by slice
+                one(list(vs))
+            give(outs, list(ins[0]))
             return
         if name in ADDITIVE and ins and (name in JOINING or not any(n != 0 for n in numbers
                                                                      if "alpha" not in kwargs)):
@@ -397,6 +412,14 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
     for t in keep:
         t.__dict__.pop(_ATTR, None)
     return _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, kept)
+
+
+def _bias_pieces(args, kwargs, fins: list[torch.Tensor]) -> bool:
+    """A 1-D concatenation of 2 or 3 equal parts: the bias of a fused kv/qkv projection kept
+    as separate parameters (timm's EVA, BEiT, SwinV2); each part keeps its own scale."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else 0)
+    return (len(fins) in (2, 3) and dim in (0, -1) and all(t.dim() == 1 for t in fins)
+            and len({t.numel() for t in fins}) == 1)
 
 
 def _homogeneous_args(name: str, args, kwargs) -> bool:

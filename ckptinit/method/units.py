@@ -112,6 +112,34 @@ def calibration_mode(model: nn.Module, restore_batchnorm: bool = True) -> Iterat
             m.load_state_dict(state)
 
 
+@contextmanager
+def called_units(model: nn.Module) -> Iterator[list[str]]:
+    """Make timm's functional qkv projections called modules for the duration of a run.
+
+    timm's EVA, BEiT and SwinV2 attention with separate q/v biases computes
+    `F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))`: `qkv` is never called, so
+    no hook sees its output, and the within-layer step and the rates cannot see the unit.
+    Their own `qkv_bias_separate` flag computes the same function as `qkv(x) + bias` (the
+    unit is then bias-free; the biases stay separate parameters). The flag is not part of
+    the state dict, so the written checkpoint is unchanged; it is put back afterwards.
+    Yields the names of the attention modules switched.
+    """
+    switched = [(n, m) for n, m in model.named_modules()
+                if getattr(m, "qkv_bias_separate", True) is False
+                and isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv.bias is None
+                and getattr(m, "q_bias", None) is not None]
+    for _, m in switched:
+        m.qkv_bias_separate = True
+    if switched:
+        log.info("%d attention module(s) call their qkv projection for this run (%s)",
+                 len(switched), listing([n for n, _ in switched], 3))
+    try:
+        yield [n for n, _ in switched]
+    finally:
+        for _, m in switched:
+            m.qkv_bias_separate = False
+
+
 def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
     """Run one small forward pass with hooks and list units in call order.
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ckptinit.method.moves import apply_scales_, plan_moves
-from ckptinit.method.units import scan_units
+from ckptinit.method.units import called_units, scan_units
 from tests.method.nets import PlainNet, outputs, pretend_trained, rel_change
 
 
@@ -51,6 +51,24 @@ def test_allowed_moves_preserve_the_function(name, kwargs):
             m.running_mean.normal_(0, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     assert random_moves_keep_outputs(model, 32) < 1e-10
+
+
+def test_eva_moves_slice_by_slice_and_keeps_the_function():
+    """q/v biases concatenated with a zero k buffer, RoPE's type_as, SwiGLU: q/k balanced,
+    v against proj, each slice with its own bias, and every allowed move exact."""
+    model = _exact(pretend_trained(timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, img_size=32, patch_size=8, depth=2)))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with called_units(model):
+        assert random_moves_keep_outputs(model, 32) < 1e-10
+        plan = plan_moves(model, scan_units(model, x).units, x, fresh=set())
+    qkv = [u.name for u in plan.units if u.name.endswith("attn.qkv")]
+    assert len(qkv) == 2 and all(plan.slices[n] == 3 for n in qkv)
+    assert all(((n, 0), (n, 1)) in plan.pairs and plan.movable((n, 2)) for n in qkv)
+    assert not plan.pinned
+    for n in qkv:  # q, k, v and proj move independently (with the stream and norm1's weight)
+        rows = [plan.var((n, s)) for s in range(3)] + [plan.var((n[:-3] + "proj", 0))]
+        assert int(torch.linalg.matrix_rank(plan.basis[rows], atol=1e-8)) == 4
 
 
 def test_plain_chain_moves_keep_the_product_of_scales():

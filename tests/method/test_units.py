@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ckptinit.api import rescale
-from ckptinit.method.units import scan_units
+from ckptinit.method.units import called_units, scan_units
 from ckptinit.options import RescaleOptions
 from tests.conftest import smooth_images
+from tests.method.nets import outputs, pretend_trained, rel_change
 
 
 class FunctionalQKV(nn.Module):
@@ -57,3 +59,68 @@ def test_a_weight_shared_with_a_called_unit_is_not_functional():
             return self.enc(x)
 
     assert scan_units(Tied(), torch.randn(2, 6)).functional == []
+
+
+def _tiny_eva(**kwargs) -> nn.Module:
+    """timm's EVA-02 (q/v biases outside qkv, RoPE, SwiGLU), two blocks at 32 px."""
+    return timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=10,
+                             img_size=32, patch_size=8, depth=2, **kwargs)
+
+
+@torch.no_grad()
+def _qkv_output_std(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Channel-averaged std of every attention's q/k/v pre-activation, computed here from
+    the attention's input and its parameters as timm's functional path does (eval mode)."""
+    inputs = {}
+    attns = [m for m in model.modules() if hasattr(m, "q_bias") and hasattr(m, "qkv")]
+    hooks = [a.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0]))
+             for a in attns]
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for a in attns:
+        bias = torch.cat((a.q_bias, a.k_bias, a.v_bias))
+        y = F.linear(inputs[a], a.qkv.weight, bias).flatten(0, 1)
+        out.append(float(y.std(0).mean()))
+    return out
+
+
+def test_timm_eva_qkv_with_separate_biases_is_normalised_as_a_unit():
+    """EVA/BEiT/SwinV2 pass qkv.weight to F.linear: for the run, their own flag makes them
+    call the unit (same function), so the within-layer step reaches it."""
+    torch.manual_seed(0)
+    model = _tiny_eva()
+    keys = set(model.state_dict())
+    x = smooth_images(40, 32, seed=2)
+    other = smooth_images(16, 32, seed=9)  # never seen by the step
+    assert max(_qkv_output_std(model, other)) < 0.5  # timm's init: far from 1
+    with called_units(model) as switched:
+        assert switched == ["blocks.0.attn", "blocks.1.attn"]
+        assert scan_units(model, x[:2]).functional == []
+    assert all(not a.qkv_bias_separate for a in model.modules() if hasattr(a, "q_bias"))
+    model, report = rescale(model, x[:32], RescaleOptions(batch_size=32, between=False),
+                            holdout=x[32:])
+    assert not any(n.startswith("WARNING") for n in report.notes)
+    assert {"blocks.0.attn.qkv", "blocks.1.attn.qkv"} <= {u.name for u in report.units}
+    assert all(abs(s - 1) < 0.15 for s in _qkv_output_std(model, other))
+    assert all(not a.qkv_bias_separate for a in model.modules() if hasattr(a, "q_bias"))
+    assert set(model.state_dict()) == keys
+    _tiny_eva().load_state_dict(model.state_dict(), strict=True)
+
+
+def test_loaded_eva_keeps_its_function_with_its_qkv_seen():
+    torch.manual_seed(0)
+    model = pretend_trained(_tiny_eva())
+    x = smooth_images(40, 32, seed=2)
+    other = smooth_images(16, 32, seed=9)
+    y0 = outputs(model, other)
+    model, report = rescale(model, x[:32], RescaleOptions(batch_size=32), fresh=(),
+                            holdout=x[32:])
+    assert rel_change(outputs(model, other), y0) <= 1e-4
+    qkv = next(u for u in report.units if u.name == "blocks.0.attn.qkv")
+    assert [s["slice"] for s in qkv.slices] == ["q", "k", "v"]
+    assert not any(n.startswith("WARNING") for n in report.notes)
