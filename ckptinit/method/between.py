@@ -128,7 +128,14 @@ def rescale_between_(
             ref = target if centre is None else centre
             slack = {k: max(slack[k], abs(values[k] + response * float(z[plan.var(k)])
                                           - ref)) for k in counted}
-        if _worst(values, targeted, tied, target) <= math.log1p(tol) or iteration >= iters:
+        if every_tied := (tied >= {k for k in targeted if k in values}):
+            # no unit can reach the target, but the solve may still narrow the spread: the
+            # longest part of its move that keeps everyone within their start's distance of
+            # the mean of the final rates (guards are on the solve's centre, not that mean)
+            z = _mean_guarded(plan, values, first, targeted, counted, slack, response, t0,
+                              math.log1p(tol), done)
+        if (_worst(values, targeted, tied, target) <= math.log1p(tol) and not every_tied
+                ) or iteration >= iters:
             converged = _worst(values, targeted, tied, target) <= math.log1p(tol)
             break
         if max(abs(response * float(z[plan.var(k)])) for k in targeted) < STALL * tol:
@@ -271,6 +278,51 @@ def _fit(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, 
             return z, t
         tied.update(off)
     return z, t
+
+
+def _mean_guarded(plan: Plan, values, first, targeted, counted, slack, response, t0,
+                  margin: float, done) -> torch.Tensor:
+    """The move that narrows the spread most when no unit can reach a common target, with
+    the guard on the mean of the final rates itself (every unit within its first distance
+    from the first mean, plus `margin`): a linear constraint in the move, so one solve."""
+    ks = [k for k in targeted if k in values]
+    guarded = [k for k in counted if k in values and k in first]
+    if not ks:
+        return torch.zeros(plan.basis.shape[0], dtype=torch.float64)
+    terms = [Term({plan.var(k): response}, values[k]) for k in ks]
+    for q, k in plan.pairs:
+        if q in values and k in values:
+            terms.append(Term({plan.var(q): response, plan.var(k): -response},
+                              values[q] - values[k], 0.0))
+    hard = [Box(b.coef, b.lo, b.hi, b.t_coef,
+                b.const + sum(c * float(done[v]) for v, c in b.coef.items()))
+            for b in plan.boxes]
+    m_first = sum(first[k] for k in ks if k in first) / max(1, sum(k in first for k in ks))
+    m_now = sum(values[k] for k in ks) / len(ks)
+    guards = []
+    for k in guarded:
+        coef: dict[int, float] = {}
+        coef[plan.var(k)] = response
+        for j in ks:
+            coef[plan.var(j)] = coef.get(plan.var(j), 0.0) - response / len(ks)
+        room = max(slack.get(k, 0.0), abs(first[k] - m_first)) + margin
+        guards.append(Box(coef, -room, room, 0.0, values[k] - m_now))
+    z, _ = solve(plan.basis, terms, hard + guards, t0)
+    z = _feasible(z, hard)
+    return z * _share(z, guards)
+
+
+def _share(z: torch.Tensor, boxes: list[Box]) -> float:
+    """The largest share (at most 1) of z that keeps every box that the start meets (the
+    penalty solve holds its boxes only to a hair)."""
+    share = 1.0
+    for b in boxes:
+        val = sum(c * float(z[v]) for v, c in b.coef.items())
+        if abs(val) < 1e-12 or not b.lo - 1e-9 <= b.const <= b.hi + 1e-9:
+            continue
+        edge = b.hi if val > 0 else b.lo
+        share = min(share, max(0.0, (edge - b.const) / val))
+    return share
 
 
 def _feasible(z: torch.Tensor, hard: list[Box]) -> torch.Tensor:

@@ -139,7 +139,7 @@ def plan_moves(
             plan.pair_reason[k] = (f"its rate times {other[0]}'s is fixed (only their ratio "
                                    "moves: a gate's logits or a norm pin the scales around "
                                    "them): balanced, not targeted")
-    plan.renormalise = [u.name for u in units if graph.unit_in.get(u.name) in graph.relaxed]
+    plan.renormalise = [u.name for u in units if graph.relaxed_input(u.name)]
     plan.approximate = approximate | set(plan.renormalise) | {
         u.name for u in units if graph.unit_out.get(u.name) in graph.relaxed}
     plan.boxes = ([b for b in norms if b not in narrow] + scale_bounds(graph, basis)
@@ -185,14 +185,13 @@ def _relax_where_needed(graph: ScaleGraph, units: list[Unit]) -> torch.Tensor:
             {v: 1.0} for v in graph.relaxed]})
         alone = _individually_movable(null_space(exact), exact, units)
         for v in list(graph.relaxed):
-            ends = [u for u, iv in graph.unit_in.items() if iv == v] + \
-                [u for u, ov in graph.unit_out.items() if ov == v]
+            ends = graph.fed_by(v) + [u for u, ov in graph.unit_out.items() if ov == v]
             if all(u in alone for u in ends):
                 graph.pin_(v, graph.relaxed.pop(v))
     basis = null_space(graph)
     freed = False
     for v in list(graph.relaxed):
-        consumers = [u for u, iv in graph.unit_in.items() if iv == v and u in graph.unit_out]
+        consumers = [u for u in graph.fed_by(v) if u in graph.unit_out]
         if all(_largest(basis[graph.unit_out[u]]) < MOVABLE for u in consumers):
             graph.pin_(v, graph.relaxed.pop(v))
             freed = True
@@ -201,15 +200,17 @@ def _relax_where_needed(graph: ScaleGraph, units: list[Unit]) -> torch.Tensor:
 
 def _individually_movable(basis: torch.Tensor, graph: ScaleGraph, units: list[Unit]
                           ) -> set[str]:
-    """Units whose weight scale (last slice) can move while every other unit stays."""
-    names = [u.name for u in units]
-    unit_vars = [graph.unit_var(n, graph.unit_slices(n) - 1) for n in names]
+    """Units each of whose weight slices can move while every other slice stays (a fused
+    GLU fc1 whose gate half sits behind the activation is not, though its value half is)."""
+    keys = [(u.name, s) for u in units for s in range(graph.unit_slices(u.name))]
+    unit_vars = [graph.unit_var(*k) for k in keys]
     p = basis[unit_vars]
     if p.shape[1] == 0:
         return set()
     hit = p @ reach(basis, unit_vars)  # (K, K): ideally the identity
-    err = (hit - torch.eye(len(names), dtype=hit.dtype)).abs().amax(0)
-    return {n for n, e in zip(names, err.tolist()) if e < 1e-6}
+    err = (hit - torch.eye(len(keys), dtype=hit.dtype)).abs().amax(0)
+    stuck = {k[0] for k, e in zip(keys, err.tolist()) if e >= 1e-6}
+    return {u.name for u in units} - stuck
 
 
 def _pin_reason(graph: ScaleGraph, unit: str) -> str:

@@ -87,6 +87,18 @@ class ScaleGraph:
     batchnorm_stats: list[tuple[str, str, int, float]]  # (running_mean, running_var, var, eps)
     pins: dict[int, str]  # variable -> why it is fixed at 0
     relaxed: dict[int, str] = field(default_factory=dict)  # variable -> activation passed through
+    # GLU products (act(gate) * value, value a unit's output) feeding a unit -> their factors
+    products: dict[int, list[int]] = field(default_factory=dict)
+
+    def fed_by(self, var: int) -> list[str]:
+        """Units whose input is `var`, or a product with `var` among its factors (a GLU's
+        act(gate) * value feeding fc2)."""
+        return [u for u, v in self.unit_in.items()
+                if v == var or var in self.products.get(v, ())]
+
+    def relaxed_input(self, unit: str) -> bool:
+        v = self.unit_in.get(unit)
+        return v in self.relaxed or any(f in self.relaxed for f in self.products.get(v, ()))
 
     def unit_var(self, unit: str, slice_: int = 0) -> int:
         return self.param_var[(f"{unit}.weight", slice_)]
@@ -195,6 +207,8 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
     bn_stats: list[tuple[str, str, int, float]] = []
     relaxed: list[tuple[int, str, str | None]] = []  # (var, activation, producing unit)
     producer: dict[int, str] = {}  # var -> relaxed unit whose output it is
+    factors: dict[int, list[int]] = {}  # product var -> its factors' vars
+    unit_outs: list[int] = []  # every slice's output var of every relaxed unit
     keep: list[torch.Tensor] = []
 
     def param_vars(name: str) -> list[int]:
@@ -259,6 +273,7 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
                 unit_out.setdefault(unit, ov[0])
                 if unit in relax:
                     producer[ov[0]] = unit
+                    unit_outs.extend(ov)
             give(outs, ov)
             return
         if name in NORMS:
@@ -339,6 +354,7 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
             for v in (one(v) for v in ins):
                 row[v] = row.get(v, 0.0) - 1.0
             rows.append(row)
+            factors[ov] = [one(v) for v in ins]
             give(outs, [ov])
             return
         if name in DIVIDE and ins:
@@ -401,8 +417,13 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
     for t in _tensors(y):
         for v in t.__dict__.get(_ATTR, []):
             pins.append((v, "model output"))
-    # a relaxed activation must sit between two relaxed units (fc1 -> act -> fc2)
+    # a relaxed activation must sit between two relaxed units (fc1 -> act -> fc2), or be a
+    # factor of a product that feeds one (a GLU: act(gate) * value -> fc2)
     consumers = {uf.find(v) for u, v in unit_in.items() if u in relax}
+    made = {uf.find(v) for v in unit_outs}
+    glu = {p: fs for p, fs in factors.items() if uf.find(p) in consumers and len(fs) == 2
+           and any(uf.find(f) in made for f in fs)}  # act(gate) * value, value a unit's
+    consumers |= {uf.find(f) for fs in glu.values() for f in fs}
     kept = {}
     for v, act, unit in relaxed:
         if unit is not None and uf.find(v) in consumers:
@@ -411,7 +432,8 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
             pins.append((v, act))
     for t in keep:
         t.__dict__.pop(_ATTR, None)
-    return _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, kept)
+    return _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, kept,
+                    glu)
 
 
 def _bias_pieces(args, kwargs, fins: list[torch.Tensor]) -> bool:
@@ -439,8 +461,8 @@ def _homogeneous_args(name: str, args, kwargs) -> bool:
     return True
 
 
-def _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, relaxed
-             ) -> ScaleGraph:
+def _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, relaxed,
+             factors) -> ScaleGraph:
     """Merge equal variables and renumber them densely."""
     index: dict[int, int] = {}
 
@@ -453,6 +475,8 @@ def _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, r
     sites = [NormSite(m(v), kind, names, q, eps) for v, kind, names, q, eps in norms]
     stats = [(a, b, m(v), eps) for a, b, v, eps in bn_stats]
     relaxed = {m(v): act for v, act in relaxed.items()}
+    used = set(ins.values())  # only the products that feed a unit are kept
+    products = {m(p): [m(f) for f in fs] for p, fs in factors.items() if m(p) in used}
     out_rows = []
     for row in rows:
         merged: dict[int, float] = defaultdict(float)
@@ -467,4 +491,5 @@ def _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, r
     out_rows += [{v: 1.0} for v in pin_reason]
     return ScaleGraph(nvars=max(1, len(index)), rows=out_rows, param_var=param_var,
                       slices=dict(slices), unit_in=ins, unit_out=outs, norms=sites,
-                      batchnorm_stats=stats, pins=pin_reason, relaxed=relaxed)
+                      batchnorm_stats=stats, pins=pin_reason, relaxed=relaxed,
+                      products=products)

@@ -34,6 +34,9 @@ LOADED_NETS = [
     ("test_efficientnet", {}),
     ("test_convnext", {}),
     ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3}),
+    # q/v biases outside qkv (method.units.called_units), RoPE, SwiGLU, a head started at
+    # 1e-3 of timm's scale: no unit can reach a common target (the every-tied solve)
+    ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 8, "depth": 3}),
 ]
 
 
@@ -67,8 +70,8 @@ FRESH_NETS = [
     ("resnet18", {"zero_init_last": False}, 1.5),
     ("test_convnext", {}, 1.5),
     ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3}, 1.5),
-    # open: its SwiGLU blocks end "limited" (spread 3.7 here); it must beat timm's init
-    ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 8, "depth": 3}, None),
+    # SwiGLU: the gate half moves through silu(gate) * value into fc2 (a relaxed move)
+    ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 8, "depth": 3}, 1.5),
 ]
 
 
@@ -89,7 +92,7 @@ def test_fresh_nets_equal_rates_and_unit_output_scale(name, kwargs, limit):
     keys = movable(report)
     assert len(keys) >= 0.8 * len(report.units)  # zero-started branches take part too
     after = rates(model, other, draws=8, seed=12)
-    assert limit is None or spread(after, keys) <= limit
+    assert spread(after, keys) <= limit
     assert spread(after, keys) < spread(rates(timm_init, other, draws=8, seed=12), keys)
     assert 0.5 * options.head_std <= float(outputs(model, other).std()) <= 2 * options.head_std
 
