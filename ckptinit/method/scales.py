@@ -278,10 +278,13 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
             return
         if name in NORMS:
             xv = one(ins[0])
-            affine = [one(v) for v, t in zip(ins[1:], fins[1:]) if id(t) in params]
-            names = [params[id(t)] for t in fins[1:] if id(t) in params]
+            weight, bias = _norm_affine(name, args, kwargs)
+            given = [t for t in (weight, bias) if isinstance(t, torch.Tensor)]
+            # a parameter or a computed tensor (ScaledStdConv's gain * scale): its scale
+            affine = [one(vars_of(t)) for t in given]
+            names = [params[id(t)] for t in given if id(t) in params]
             ov = uf.new()
-            has_weight = any(n.endswith("weight") for n in names)
+            has_weight = isinstance(weight, torch.Tensor)
             if affine and has_weight:
                 for a in affine:
                     uf.union(a, ov)
@@ -434,6 +437,19 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
         t.__dict__.pop(_ATTR, None)
     return _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, kept,
                     glu)
+
+
+_AFFINE_AT = {"batch_norm": 3, "instance_norm": 3, "layer_norm": 2, "group_norm": 2,
+              "rms_norm": 2}  # position of the weight argument; the bias follows (not rms)
+
+
+def _norm_affine(name: str, args, kwargs):
+    """The (weight, bias) arguments of a norm op, None where not given."""
+    i = _AFFINE_AT[name]
+    weight = kwargs.get("weight", args[i] if len(args) > i else None)
+    bias = None if name == "rms_norm" else kwargs.get("bias", args[i + 1]
+                                                     if len(args) > i + 1 else None)
+    return weight, bias
 
 
 def _bias_pieces(args, kwargs, fins: list[torch.Tensor]) -> bool:
