@@ -67,7 +67,7 @@ class NormSite:
     """A norm op: what its input scale may do without its eps showing (see solve.py)."""
 
     var: int  # the input's scale variable
-    kind: str  # layer_norm | group_norm | batch_norm | instance_norm | rms_norm
+    kind: str  # layer_norm | group_norm | batch_norm | instance_norm | rms_norm | standardization
     params: list[str]  # its affine parameters
     var_quantile: float  # 1% quantile of the variance it normalises, on the traced sample
     eps: float
@@ -293,6 +293,7 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
                 for a in affine:
                     pins.append((a, f"bias of {name} without weight"))
             x = fins[0].detach().double()
+            kind = name
             if name == "layer_norm" or name == "rms_norm":
                 shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
                 dims = tuple(range(-len(shape), 0))
@@ -308,11 +309,13 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
                 eps = args[7] if len(args) > 7 else kwargs.get("eps", 1e-5)
                 if all(stats) and len(stats) == 2:
                     bn_stats.append((stats[0], stats[1], xv, float(eps)))
+                else:  # no running statistics, so no eval mode that compensates its eps
+                    kind = "standardization"  # (timm's ScaledStdConv on its weight)
             var = x.var(dims, unbiased=False).flatten()
             q = float(torch.quantile(var[:100000], 0.01)) if var.numel() else 0.0
             floats = [a for a in numbers if isinstance(a, float)]
             eps = floats[-1] if floats else 1e-5
-            norms.append((xv, name, names, q, float(eps)))
+            norms.append((xv, kind, names, q, float(eps)))
             give(outs, [ov])
             return
         if name in ATTENTION and len(ins) >= 3:

@@ -364,3 +364,24 @@ def test_a_net_with_no_move_at_all_says_so_and_keeps_its_function():
     assert any("no unit was free to move" in n for n in report.notes)
     assert not any("converged within" in n for n in report.notes)
     assert rel_change(outputs(model, x[32:]), y0) <= 1e-6
+
+
+def test_a_weight_standardising_norm_bounds_the_move_by_its_eps():
+    """timm's ScaledStdConv standardises its weight with a batch_norm that has no running
+    statistics, so no eval mode compensates its eps: a loaded net keeps its function (the
+    old code moved it by 7e-4 and refused), a fresh one still narrows its rates."""
+    torch.manual_seed(0)
+    x = smooth_images(48, 32, seed=2)
+    other = smooth_images(32, 32, seed=7)
+    model = pretend_trained(timm.create_model("test_nfnet", pretrained=False, num_classes=10))
+    y0 = outputs(model, other)
+    model, report = rescale(model, x[:32], RescaleOptions(**LOADED, batch_size=32), fresh=(),
+                            holdout=x[32:])
+    assert rel_change(outputs(model, other), y0) <= 1e-4
+    timm_init = timm.create_model("test_nfnet", pretrained=False, num_classes=10)
+    model = timm.create_model("test_nfnet", pretrained=False, num_classes=10)
+    model.load_state_dict(timm_init.state_dict())
+    model, report = rescale(model, x[:32], RescaleOptions(batch_size=32), holdout=x[32:])
+    keys = movable(report)
+    assert spread(rates(model, other, draws=8, seed=12), keys) < \
+        spread(rates(timm_init, other, draws=8, seed=12), keys)
