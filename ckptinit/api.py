@@ -177,8 +177,8 @@ def _never_called_notes(scan, report) -> None:
     if functional:
         report.notes.append(
             f"WARNING: {len(functional)} unit(s) are used through their weight by functional "
-            f"code, not called ({listing(scan.functional, 3)}; timm's EVA and BEiT attention: "
-            "F.linear(x, self.qkv.weight, qkv_bias)): no step sees their outputs, so they "
+            f"code, not called ({listing(scan.functional, 3)}: F.linear(x, unit.weight) or "
+            "the like): no step sees their outputs, so they "
             "keep timm's init and the units they feed cannot move (tied): the result may "
             "be a worse start than timm's init; compare with `ckptinit measure`")
 

@@ -263,9 +263,7 @@ def _fit(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, 
                 if q in plan.pair_reason:  # a fixed product: only the target can meet it
                     terms.append(Term({}, TIED_WEIGHT * (values[q] + values[k]) / 2,
                                       TIED_WEIGHT))
-        boxes = [Box(b.coef, b.lo, b.hi, b.t_coef,
-                     b.const + sum(c * float(done[v]) for v, c in b.coef.items()))
-                 for b in plan.boxes]
+        boxes = _after(plan.boxes, done)
         if fixed is not None:
             boxes.append(Box({}, fixed, fixed, 1.0))
         for k in counted:  # nobody ends further from the mean (or target) than it started
@@ -298,9 +296,7 @@ def _mean_guarded(plan: Plan, values, first, targeted, counted, response, t0,
         if q in values and k in values:
             terms.append(Term({plan.var(q): response, plan.var(k): -response},
                               values[q] - values[k], 0.0))
-    hard = [Box(b.coef, b.lo, b.hi, b.t_coef,
-                b.const + sum(c * float(done[v]) for v, c in b.coef.items()))
-            for b in plan.boxes]
+    hard = _after(plan.boxes, done)
     m_first = sum(first[k] for k in ks if k in first) / max(1, sum(k in first for k in ks))
     m_now = sum(values[k] for k in ks) / len(ks)
     guards = []
@@ -318,6 +314,12 @@ def _mean_guarded(plan: Plan, values, first, targeted, counted, response, t0,
     z, _ = solve(plan.basis, terms, hard + guards, t0)
     z = _feasible(z, hard)
     return z * _share(z, guards)
+
+
+def _after(boxes: list[Box], done: torch.Tensor) -> list[Box]:
+    """The plan's eps and scale bounds for the next move, the moves `done` so far counted."""
+    return [Box(b.coef, b.lo, b.hi, b.t_coef,
+                b.const + sum(c * float(done[v]) for v, c in b.coef.items())) for b in boxes]
 
 
 def _share(z: torch.Tensor, boxes: list[Box]) -> float:

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .._helpers import listing
+from .scales import AFFINE
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ _GATE_OPS = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "re
                        "hardtanh", "hardtanh_", "clamp", "clip"})
 _VIEW_OPS = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
                        "expand_as", "contiguous", "to", "float", "permute", "transpose"})
-_AFFINE_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d"})
 _SHIFT_OPS = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "div", "__truediv__"})
 
 
@@ -65,8 +65,8 @@ class UnitScan:
     # train mode normalises that weight away, so their gradient is round-off (FastViT's and
     # MobileOne's 1x1 depthwise scale branches)
     scale_free: set[str] = field(default_factory=set)
-    # never called, but their weight is used by functional code (timm's EVA and BEiT
-    # attention: F.linear(x, self.qkv.weight, qkv_bias)): no hook sees them
+    # never called, but their weight is used by functional code (F.linear(x, m.weight));
+    # no hook sees them (timm's EVA/BEiT/SwinV2 qkv is made a called unit: called_units)
     functional: list[str] = field(default_factory=list)
 
 
@@ -225,7 +225,7 @@ class _FlowFinder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
-        if name in _AFFINE_OPS:
+        if name in AFFINE:
             weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
             self.weights_used.add(id(weight))
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
