@@ -108,20 +108,27 @@ def units_of(model: nn.Module) -> dict[str, nn.Module]:
             and getattr(m, "weight", None) is not None and m.weight.dim() >= 2}
 
 
-def fused(model: nn.Module) -> set[str]:
-    return {f"{n}.qkv" for n, m in model.named_modules()
-            if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")}
+def fused(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Units whose weight is measured per slice, as the report names them: timm attention's
+    fused qkv, and GluMlp's fc1 (gate and value halves, in its `gate_last` order)."""
+    from timm.layers import GluMlp
+
+    out = {f"{n}.qkv": ("q", "k", "v") for n, m in model.named_modules()
+           if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")}
+    out.update({f"{n}.fc1": ("value", "gate") if m.gate_last else ("gate", "value")
+                for n, m in model.named_modules() if isinstance(m, GluMlp)})
+    return out
 
 
 def rates(model: nn.Module, x: torch.Tensor, draws: int, seed: int, batch: int = 16
           ) -> dict[str, float]:
-    """||dL/dW|| / ||W|| per unit (per q/k/v slice), L = sum(g * y) with Gaussian g, BatchNorm
-    on batch statistics (restored after), no dropout (timm's defaults)."""
-    units, qkv = units_of(model), fused(model)
+    """||dL/dW|| / ||W|| per unit (per slice of `fused`), L = sum(g * y) with Gaussian g,
+    BatchNorm on batch statistics (restored after), no dropout (timm's defaults)."""
+    units, parts = units_of(model), fused(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     gen = torch.Generator().manual_seed(seed)
-    sq = {n: torch.zeros(3 if n in qkv else 1, dtype=torch.float64) for n in units}
+    sq = {n: torch.zeros(len(parts.get(n, "-")), dtype=torch.float64) for n in units}
     for _ in range(draws):
         idx = torch.randperm(len(x), generator=gen)[:batch]
         y = model(x[idx])
@@ -137,21 +144,20 @@ def rates(model: nn.Module, x: torch.Tensor, draws: int, seed: int, batch: int =
     for n, m in units.items():
         w2 = (m.weight.detach().double().reshape(sq[n].numel(), -1) ** 2).sum(1)
         vals = (sq[n] / draws / w2).sqrt().tolist()
-        if len(vals) == 3:
-            out.update({f"{n}[{s}]": v for s, v in zip("qkv", vals)})
-        else:
-            out[n] = vals[0]
+        out.update({f"{n}[{s}]": v for s, v in zip(parts[n], vals)} if n in parts
+                   else {n: vals[0]})
     return out
 
 
 def rms(model: nn.Module) -> dict[str, float]:
-    """RMS(W) per unit (per q/k/v slice): Adam's relative step is lr / RMS(W)."""
-    units, qkv = units_of(model), fused(model)
+    """RMS(W) per unit (per slice of `fused`): Adam's relative step is lr / RMS(W)."""
+    units, parts = units_of(model), fused(model)
     out = {}
     for n, m in units.items():
-        w = m.weight.detach().double().reshape(3 if n in qkv else 1, -1)
+        w = m.weight.detach().double().reshape(len(parts.get(n, "-")), -1)
         vals = w.square().mean(1).sqrt().tolist()
-        out.update({f"{n}[{s}]": v for s, v in zip("qkv", vals)} if n in qkv else {n: vals[0]})
+        out.update({f"{n}[{s}]": v for s, v in zip(parts[n], vals)} if n in parts
+                   else {n: vals[0]})
     return out
 
 

@@ -311,7 +311,7 @@ def _measure(model, images, options, device, fresh) -> RunReport:
         else:
             rec.between_status = "ok"
         if plan.slices[u.name] > 1:
-            rec.slices = [{"slice": "qkv"[s] if plan.slices[u.name] == 3 else "kv"[s],
+            rec.slices = [{"slice": plan.labels[u.name][s],
                            "rate_before": r, "status": "pinned" if (u.name, s) in plan.pinned
                            else "balanced" if (u.name, s) in plan.balanced else "ok"}
                           for s, r in enumerate(rates.slice_rates(u.name))]

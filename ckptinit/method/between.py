@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 TIED_FACTOR = 3.0  # a unit predicted to stay this many tolerances off target is tied
 TIED_WEIGHT = 1e-2  # tied units still count a little: they are balanced, not dropped
 RELAX_PENALTY = 0.05  # the cost of a relaxed (approximate) move, against 2 for a rate
-SLICE_NAMES = {2: "kv", 3: "qkv"}
 SCALE_FREE = ("zero gradient: its one weight per channel is normalised away by the "
               "BatchNorm after it")
 SCALE_FREE_RATE = 1e-2
@@ -209,12 +208,7 @@ def _floor(plan: Plan, first: dict[Key, float], targeted: list[Key]
     if not spreads:
         return None, []
     width, group = max(spreads, key=lambda s: s[0])
-    return math.exp(width), [_label(plan, k) for k in group]
-
-
-def _label(plan: Plan, key: Key) -> str:
-    k = plan.slices[key[0]]
-    return key[0] if k == 1 else f"{key[0]}[{SLICE_NAMES.get(k, '0123')[key[1]]}]"
+    return math.exp(width), [plan.label(k) for k in group]
 
 
 def _worst(values: dict[Key, float], targeted: list[Key], tied: set[Key], t: float) -> float:
@@ -408,7 +402,7 @@ def _fill_records(plan, records, first, values, target, tol, excluded, tied, nor
         rec.r = norm_after / norms_before[u.name] if norms_before[u.name] > 0 else None
         statuses = [_status(plan, key, values, target, tol, excluded, tied) for key in keys]
         if k > 1:
-            names = SLICE_NAMES.get(k, "".join(str(i) for i in range(k)))
+            names = plan.labels[u.name]
             rec.slices = [{"slice": names[s], "rate_before": _exp(first.get(key)),
                            "rate_after": _exp(values.get(key)), "status": st, "reason": why}
                           for s, (key, (st, why)) in enumerate(zip(keys, statuses))]

@@ -152,7 +152,7 @@ def _unit_plan(u: Unit, fresh: bool, draws: dict[str, str], plan: Plan | None, f
         elif u.name in plan.approximate:
             rec.reason = RELEASED
     if k > 1:
-        names = "qkv" if k == 3 else "kv"
+        names = plan.labels[u.name]
         rec.slices = [{"slice": names[s], "status": "pinned" if (u.name, s) in plan.pinned
                        else "balanced" if (u.name, s) in plan.balanced else "movable",
                        "reason": plan.pinned.get((u.name, s))} for s in range(k)]

@@ -48,6 +48,7 @@ class Plan:
     basis: torch.Tensor  # (nvars, d): every allowed log-scale vector is basis @ y
     units: list[Unit]
     slices: dict[str, int]  # unit -> 1, or 2/3 for fused k/v and q/k/v projections
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused unit -> its slices
     pinned: dict[Key, str] = field(default_factory=dict)  # no freedom, and why
     pairs: list[tuple[Key, Key]] = field(default_factory=list)  # (q, k): balanced only
     pair_reason: dict[Key, str] = field(default_factory=dict)  # non-q/k pairs: why
@@ -69,6 +70,11 @@ class Plan:
     def var(self, key: Key) -> int:
         return self.graph.unit_var(*key)
 
+    def label(self, key: Key) -> str:
+        """'name', or 'name[slice]' for a slice of a fused projection ('blocks.0.attn.qkv[q]')."""
+        names = self.labels.get(key[0])
+        return key[0] if names is None else f"{key[0]}[{names[key[1]]}]"
+
     def movable(self, key: Key) -> bool:
         return key not in self.pinned
 
@@ -88,6 +94,28 @@ class Plan:
             if len(members) > 1:
                 groups.append([keys[j] for j in members])
         return groups
+
+
+def slice_labels(model: nn.Module, slices: dict[str, int]) -> dict[str, tuple[str, ...]]:
+    """What each slice of a fused unit is: q/k/v, k/v, or the gate and value halves of timm's
+    GluMlp fc1 (in its `gate_last` order); by position where nothing says."""
+    from timm.layers import GluMlp
+
+    glu = {f"{n}.fc1" if n else "fc1": m.gate_last for n, m in model.named_modules()
+           if isinstance(m, GluMlp)}
+    out = {}
+    for name, k in slices.items():
+        if k == 1:
+            continue
+        if k == 2 and name in glu:
+            out[name] = ("value", "gate") if glu[name] else ("gate", "value")
+        elif k == 3:
+            out[name] = ("q", "k", "v")
+        elif k == 2 and name.rsplit(".", 1)[-1] == "kv":
+            out[name] = ("k", "v")
+        else:
+            out[name] = tuple(str(i) for i in range(k))
+    return out
 
 
 def plan_moves(
@@ -125,7 +153,8 @@ def plan_moves(
     if narrow:
         basis = null_space(graph)
     slices = {u.name: graph.unit_slices(u.name) for u in units}
-    plan = Plan(graph, basis, units, slices, all_fresh=all_fresh, eps_exact=eps_exact)
+    plan = Plan(graph, basis, units, slices, slice_labels(model, slices), all_fresh=all_fresh,
+                eps_exact=eps_exact)
     for key in plan.keys:
         if _largest(basis[plan.var(key)]) < MOVABLE:
             plan.pinned[key] = _pin_reason(graph, key[0])

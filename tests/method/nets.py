@@ -45,17 +45,19 @@ def fused_qkv(model: nn.Module) -> set[str]:
             if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")}
 
 
-def fused_glu(model: nn.Module) -> set[str]:
-    """timm's GluMlp: one fc1 whose output is chunked into gate and value halves."""
+def fused_glu(model: nn.Module) -> dict[str, str]:
+    """timm's GluMlp: one fc1 whose output is chunked into gate and value halves (the order
+    its `gate_last` says)."""
     from timm.layers import GluMlp
 
-    return {f"{n}.fc1" for n, m in model.named_modules() if isinstance(m, GluMlp)}
+    return {f"{n}.fc1": ("value", "gate") if m.gate_last else ("gate", "value")
+            for n, m in model.named_modules() if isinstance(m, GluMlp)}
 
 
 def rates(model: nn.Module, x: torch.Tensor, draws: int = 8, seed: int = 1234,
           batch: int | None = None) -> dict[str, float]:
     """||dL/dW|| / ||W|| per unit, per q/k/v slice of fused projections ('name[q]') and per
-    half of a fused GLU's fc1 ('name[k]', 'name[v]': gate, value), with Gaussian g over
+    half of a fused GLU's fc1 ('name[gate]', 'name[value]'), with Gaussian g over
     every output tensor, BatchNorm on batch statistics (restored after)."""
     us, qkv, glu = units(model), fused_qkv(model), fused_glu(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -79,7 +81,7 @@ def rates(model: nn.Module, x: torch.Tensor, draws: int = 8, seed: int = 1234,
         w2 = (m.weight.detach().double().reshape(sq[n].numel(), -1) ** 2).sum(1)
         vals = (sq[n] / draws / w2).sqrt().tolist()
         if len(vals) > 1:
-            out.update({f"{n}[{s}]": v for s, v in zip("qkv"[-len(vals):], vals)})
+            out.update({f"{n}[{s}]": v for s, v in zip(glu.get(n, "qkv"[-len(vals):]), vals)})
         else:
             out[n] = vals[0]
     return out

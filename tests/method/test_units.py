@@ -11,7 +11,7 @@ from ckptinit.api import rescale
 from ckptinit.method.units import called_units, scan_units
 from ckptinit.options import RescaleOptions
 from tests.conftest import smooth_images
-from tests.method.nets import outputs, pretend_trained, rel_change
+from tests.method.nets import movable, outputs, pretend_trained, rates, rel_change
 
 
 class FunctionalQKV(nn.Module):
@@ -123,4 +123,9 @@ def test_loaded_eva_keeps_its_function_with_its_qkv_seen():
     assert rel_change(outputs(model, other), y0) <= 1e-4
     qkv = next(u for u in report.units if u.name == "blocks.0.attn.qkv")
     assert [s["slice"] for s in qkv.slices] == ["q", "k", "v"]
+    # SwiGLU's fused fc1 is act(first half) * second half (gate_last=False): the report names
+    # its halves for what they are, and an outside estimator keyed that way measures them
+    fc1 = next(u for u in report.units if u.name == "blocks.0.mlp.fc1")
+    assert [s["slice"] for s in fc1.slices] == ["gate", "value"]
+    assert set(movable(report)) <= set(rates(model, other, draws=2))
     assert not any(n.startswith("WARNING") for n in report.notes)
