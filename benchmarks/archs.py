@@ -264,6 +264,7 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
             model = fresh
             src = [name]
         else:
+            torch.manual_seed(0)  # the same draw of timm's init whichever kinds run before
             model = trained_like(timm.create_model(name, pretrained=False, **kwargs), 1)
             ck = tmp / f"{index}-{name}-trained.safetensors"
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))

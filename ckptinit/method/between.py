@@ -49,6 +49,7 @@ SCALE_FREE_RATE = 1e-2
 # (a loaded eva02 of 6 blocks: up to 0.154 against 16 draws); the every-tied solve's guard
 # allows for it
 RATE_NOISE = 0.15
+HAIR = 1e-6  # how far (in log) the penalty solve may miss a box it holds
 STALL = 0.1  # a solve that moves no rate by this share of the tolerance has nothing left
 
 
@@ -317,14 +318,16 @@ def _after(boxes: list[Box], done: torch.Tensor) -> list[Box]:
 
 
 def _share(z: torch.Tensor, boxes: list[Box]) -> float:
-    """The largest share (at most 1) of z that keeps every box that the start meets (the
-    penalty solve holds its boxes only to a hair)."""
+    """The largest share (at most 1) of z that keeps every box that the start meets, to
+    the hair that the penalty solve holds its boxes to (a start that an earlier move left on
+    a box's edge meets it: skipping that box let the next move carry the unit 0.65 in log
+    past it)."""
     share = 1.0
     for b in boxes:
         val = sum(c * float(z[v]) for v, c in b.coef.items())
-        if abs(val) < 1e-12 or not b.lo - 1e-9 <= b.const <= b.hi + 1e-9:
+        if abs(val) < 1e-12 or not b.lo - HAIR <= b.const <= b.hi + HAIR:
             continue
-        edge = b.hi if val > 0 else b.lo
+        edge = (b.hi if val > 0 else b.lo) + math.copysign(HAIR, val)
         share = min(share, max(0.0, (edge - b.const) / val))
     return share
 

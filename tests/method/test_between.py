@@ -385,3 +385,20 @@ def test_a_weight_standardising_norm_bounds_the_move_by_its_eps():
     keys = movable(report)
     assert spread(rates(model, other, draws=8, seed=12), keys) < \
         spread(rates(timm_init, other, draws=8, seed=12), keys)
+
+
+def test_a_start_left_on_a_guard_edge_is_not_carried_past_it():
+    """The every-tied solve shortens its move so that each guard the start meets still
+    holds. An earlier move leaves a unit on its guard's edge, a hair outside by round-off;
+    that guard must still bind (skipping it let a loaded eva02's next move carry
+    blocks.0.mlp.fc2 0.65 in log further from the mean)."""
+    from ckptinit.method.between import _share
+    from ckptinit.method.solve import Box
+
+    edge = Box({0: 1.0}, -2.3454374813, 2.0, 0.0, -2.3454374885)  # 7e-9 below its floor
+    inside = Box({1: 1.0}, -1.0, 1.0, 0.0, 0.0)
+    z = torch.tensor([-0.65, 0.5], dtype=torch.float64)
+    share = _share(z, [edge, inside])
+    assert share < 1e-5
+    assert _share(torch.tensor([0.0, 0.5], dtype=torch.float64), [edge, inside]) == 1.0
+    assert abs(_share(torch.tensor([0.0, 2.0], dtype=torch.float64), [edge, inside]) - 0.5) < 1e-5
