@@ -45,7 +45,7 @@ def fused_qkv(model: nn.Module) -> set[str]:
             if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")}
 
 
-def fused_glu(model: nn.Module) -> dict[str, str]:
+def fused_glu(model: nn.Module) -> dict[str, tuple[str, str]]:
     """timm's GluMlp: one fc1 whose output is chunked into gate and value halves (the order
     its `gate_last` says)."""
     from timm.layers import GluMlp
