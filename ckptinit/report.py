@@ -95,7 +95,7 @@ class RunReport:
         for u in self.units:  # a fused q/k/v projection counts per slice
             parts = u.slices or [{"status": u.between_status,
                                   f"rate_{which}": getattr(u, f"rate_{which}")}]
-            rates += [p[f"rate_{which}"] for p in parts if p["status"] in keep]
+            rates += [p.get(f"rate_{which}") for p in parts if p["status"] in keep]
         rates = [r for r in rates if r is not None and math.isfinite(r) and r > 0]
         return max(rates) / min(rates) if rates else None
 
