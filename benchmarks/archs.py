@@ -21,10 +21,12 @@ nets drift apart), saved as a safetensors file.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -167,6 +169,17 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).double()
 
 
+@torch.no_grad()
+def train_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Outputs with batch statistics (training mode), on a copy so that no running
+    statistic moves: what the first fine-tuning step sees."""
+    return copy.deepcopy(model).train()(x).double()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def spread(r: dict[str, float], keys) -> float | None:
     vals = [r[k] for k in keys if k in r and r[k] > 0 and math.isfinite(r[k])]
     return max(vals) / min(vals) if len(vals) > 1 else None
@@ -250,6 +263,7 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
     size = cfg["input_size"][-1] if opts.size is None else opts.size
     photos = crops(_skimage_photos(), opts.check_images, size, cfg["mean"], cfg["std"], 4321)
     other = crops(_sample_photos(), opts.check_images, size, cfg["mean"], cfg["std"], 8765)
+    mates = crops(_skimage_photos(), opts.check_images, size, cfg["mean"], cfg["std"], 1234)
     wheel = crops(_skimage_photos(SYNTHETIC), 4, size, cfg["mean"], cfg["std"], 4321)
     margs = [arg for k, v in kwargs.items() for arg in ("--model-arg", f"{k}={v}")]
     common = ["--images", str(opts.images), "--seed", "0", "--device", "cpu", *margs,
@@ -257,6 +271,7 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
     sgd = opts.optimizer == "sgd"  # under Adam the gradient rates are not what is equalised
     if opts.size is not None:
         common += ["--input-size", str(size)]
+    common += shlex.split(opts.ckptinit_args)
     for kind in opts.kinds:
         out = tmp / f"{index}-{name}-{kind}.safetensors"
         report = tmp / f"{index}-{name}-{kind}.json"
@@ -296,7 +311,7 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
             output_std_after_crops=round(float(outputs(after, other).std()), 4),
             output_std_colorwheel=[round(float(outputs(m, wheel).std()), 4)
                                    for m in (model, after)],
-            function_change=float((y1 - y0).norm() / y0.norm()),
+            function_change=rel(y1, y0),
             iterations=rep.get("between_iterations"), converged=rep.get("converged"),
             report_spread=[rep.get("rate_spread_before"), rep.get("rate_spread_after")],
             optimizer=opts.optimizer,
@@ -318,6 +333,16 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
         row["balanced"] = len(paired)
         row["spread_crops_with_balanced"] = [spread(before_r["crops"], keys + paired),
                                              spread(after_r["crops"], keys + paired)]
+        if kind == "loaded":
+            # training mode is not kept exactly (BatchNorm's eps against batch variances);
+            # next to it, how much the same images' outputs move when the other half of
+            # their batch is other crops of the same photos
+            half = photos.shape[0] // 2
+            t0 = train_outputs(model, photos)
+            row["train_mode_change"] = rel(train_outputs(after, photos), t0)
+            row["train_mode_batch_noise"] = rel(
+                train_outputs(model, torch.cat([photos[:half], mates[:half]]))[:half],
+                t0[:half])
         if kind == "loaded" and sgd:
             row["further_from_mean"] = further_from_mean(before_r["crops"], after_r["crops"],
                                                          keys)
@@ -361,6 +386,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="16 images, 4 draws, 16 check images")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--ckptinit-args", default="",
+                    help="more `ckptinit rescale` arguments, one string (e.g. '--grad-batches 8')")
     ap.add_argument("--unit-rates", action="store_true",
                     help="keep every movable unit's rate on the crops, before and after")
     ap.add_argument("--table", type=Path, help="print the Markdown table of a results file")

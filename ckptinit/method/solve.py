@@ -18,7 +18,11 @@ import torch
 from .scales import ScaleGraph
 
 EPS_BUDGET = 1e-6  # relative output change a LayerNorm/GroupNorm eps may add (function check)
-BN_EPS_BUDGET = 1e-3  # BatchNorm: eval mode is compensated exactly, this is training mode only
+# BatchNorm: eval mode is compensated exactly, so this is training mode only, fresh or
+# loaded. At 1e-3 it held a loaded efficientnet_b0's depthwise convs (spread 13.8; 1.43 at
+# 1e-2) for a training-mode output change of 2.7e-3 instead of 2.2e-3, next to 0.42 from
+# swapping half of the batch for other images (benchmarks/README.md)
+BN_EPS_BUDGET = 1e-2
 FRESH_EPS_BUDGET = 1e-2  # a fresh net has no function to keep: its statistics' tolerance
 MAX_SCALE = 1e3  # no parameter or activation is scaled by more than this, either way
 
