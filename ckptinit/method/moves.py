@@ -22,7 +22,6 @@ from .._helpers import listing
 from .rates import Key
 from .scales import ScaleGraph, trace_scales
 from .solve import (
-    BN_EPS_BUDGET,
     EPS_BUDGET,
     FRESH_EPS_BUDGET,
     Box,
@@ -144,7 +143,7 @@ def plan_moves(
     # statistics' tolerance (a ViT's near-zero cls token would otherwise freeze its stream)
     all_fresh = bool(units) and all(u.name in fresh for u in units)
     eps_exact = not (all_fresh and any(site.kind != "batch_norm" for site in graph.norms))
-    norms = norm_bounds(graph, EPS_BUDGET if eps_exact else FRESH_EPS_BUDGET, BN_EPS_BUDGET)
+    norms = norm_bounds(graph, EPS_BUDGET if eps_exact else FRESH_EPS_BUDGET)
     narrow = [b for b in norms if b.hi - b.lo < FREEZE]
     for box in narrow:  # next to no room: the norm's input scale is held fixed
         for v in box.coef:

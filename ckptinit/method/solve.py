@@ -61,15 +61,14 @@ def null_space(graph: ScaleGraph) -> torch.Tensor:
     return vh[rank:].T.contiguous()
 
 
-def norm_bounds(graph: ScaleGraph, budget: float = EPS_BUDGET,
-                bn_budget: float = BN_EPS_BUDGET) -> list[Box]:
+def norm_bounds(graph: ScaleGraph, budget: float = EPS_BUDGET) -> list[Box]:
     """Log-scale bounds on each norm's input: y = (x - m) / sqrt(v + eps) forgets a scale p of
     x only up to eps: the output moves by about eps / (2 v) * (1 / p^2 - 1). At the 1% quantile
-    of v that must stay under the budget (`budget` for LayerNorm/GroupNorm); growing the
-    input only shrinks the eps's share."""
+    of v that must stay under the budget (`budget` for LayerNorm/GroupNorm, BN_EPS_BUDGET for
+    BatchNorm, fresh or loaded); growing the input only shrinks the eps's share."""
     boxes = []
     for site in graph.norms:
-        share = bn_budget if site.kind == "batch_norm" else budget
+        share = BN_EPS_BUDGET if site.kind == "batch_norm" else budget
         room = 2.0 * max(site.var_quantile, 1e-30) * share / max(site.eps, 1e-30)
         lo = -0.5 * math.log1p(room)
         hi = -0.5 * math.log1p(-room) if room < 1 else math.inf
