@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import torch
 from torch import nn
@@ -47,6 +47,13 @@ def _batches(images: BatchesLike, batch_size: int, device: torch.device):
     if not len(batches):
         raise UsageError("Calibration images must hold at least one batch; got none.")
     return batches
+
+
+def with_draws(options: RescaleOptions, units, fresh: set[str]) -> RescaleOptions:
+    """`options` with its gradient draws decided (RescaleOptions.draws), so that the report
+    and the metadata say how many were used."""
+    loaded = any(u.name not in fresh for u in units)
+    return replace(options, grad_batches=options.draws(loaded))
 
 
 def _new_report(command: str, options: RescaleOptions, scan) -> tuple[RunReport, dict]:
@@ -111,6 +118,7 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
     with one_thread(device):  # the 2-image probes: threads cost more than they give
         scan = scan_units(model, sample[:2])
     fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
+    options = with_draws(options, scan.units, fresh_set)
     report, records = _new_report("rescale", options, scan)
     report.timings["scan"] = time.perf_counter() - t0
 
@@ -283,6 +291,8 @@ def _measure(model, images, options, device, fresh) -> RunReport:
     sample = first_images(batches, SAMPLE_IMAGES)
     with one_thread(device):  # as in rescale: the 2-image probe
         scan = scan_units(model, sample[:2])
+    fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
+    options = with_draws(options, scan.units, fresh_set)
     report, records = _new_report("measure", options, scan)
     with calibration_mode(model):
         moments = measure_outputs(model, scan.units, batches)
@@ -290,7 +300,6 @@ def _measure(model, images, options, device, fresh) -> RunReport:
         m = moments[u.name]
         records[u.name].mean_before = float(m.mean.mean())
         records[u.name].std_before = float(m.std.mean())
-    fresh_set = {u.name for u in scan.units} if fresh is None else set(fresh)
     plan = plan_moves(model, scan.units, sample, fresh_set, options.allow_function_change)
     rates = estimate_rates(model, scan.units, batches, options.grad_batches, options.seed,
                            plan.slices)

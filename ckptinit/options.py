@@ -10,6 +10,7 @@ WEIGHT_DRAWS = ("keep", "gaussian", "orthogonal", "pca", "kmeans")
 OPTIMIZERS = ("sgd", "adam")  # whose relative step the between-layer step equalises
 RESIDUAL_INITS = ("data", "timm")  # residual branches that start at zero (fresh nets)
 MEMORY_FORMATS = ("auto", "channels-last", "contiguous")  # layout.py
+FRESH_DRAWS, LOADED_DRAWS = 2, 8  # RescaleOptions.draws
 
 
 @dataclass
@@ -26,7 +27,9 @@ class RescaleOptions:
     device: str = "auto"
     patch_budget: int = 16384  # patches per unit (and group) for pca/kmeans draws
     # between-layer step
-    grad_batches: int = 2  # (batch, g) draws per estimate, reused every iteration
+    # (batch, g) draws per change-rate estimate, reused every iteration; None: FRESH_DRAWS on
+    # a fresh net, LOADED_DRAWS where any unit is loaded (draws())
+    grad_batches: int | None = None
     damping: float = 1.0
     tol: float = 0.01
     iters: int = 10
@@ -36,6 +39,16 @@ class RescaleOptions:
     residual_init: str = "data"  # data: zero-started branches get a share; timm: kept
     memory_format: str = "auto"  # the passes' layout (layout.py): channels-last for conv
     # nets on the CPU, contiguous elsewhere (benchmarks/README.md, speed.py)
+
+    def draws(self, loaded: bool) -> int:
+        """Gradient draws per change-rate estimate. A fresh net's rates spread over decades
+        and 2 draws place them well enough; on loaded weights the promise is per unit (none
+        ends further from the mean than it started), and units that start near the mean
+        are moved by the estimate's noise unless it is smaller (benchmarks/README.md, "More
+        gradient draws on loaded weights")."""
+        if self.grad_batches is not None:
+            return self.grad_batches
+        return LOADED_DRAWS if loaded else FRESH_DRAWS
 
     def within_draws(self, units: list[str], fresh: set[str]) -> dict[str, str]:
         """The units the within-layer step normalises, each with its weight draw (DESIGN 1.3:
@@ -61,6 +74,8 @@ class RescaleOptions:
             raise UsageError(f"--damping must be in (0, 1], got {self.damping:g}.")
         if not self.head_std > 0:
             raise UsageError(f"--head-std must be positive, got {self.head_std:g}.")
+        if self.grad_batches is not None and self.grad_batches < 1:
+            raise UsageError(f"--grad-batches must be at least 1, got {self.grad_batches}.")
         if not self.tol > 0:
             raise UsageError(f"--tol must be positive, got {self.tol:g}.")
         return self

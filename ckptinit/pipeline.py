@@ -81,7 +81,7 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
         t1 = time.perf_counter()
         calib = load_calibration(
             loaded.model, calib_options, progress=lambda d, t: step("reading images", d, t),
-            share=_share(options, calib_options, ranks),
+            share=_share(options, calib_options, ranks, loaded.pretrained),
         )
         t2 = time.perf_counter()
     with calib:
@@ -123,7 +123,7 @@ def _rescale_checkpoint(source, output, options, source_options, calib_options, 
     return report
 
 
-def _share(options: RescaleOptions, calib_options: CalibrationOptions, ranks):
+def _share(options: RescaleOptions, calib_options: CalibrationOptions, ranks, loaded: bool):
     """The calibration images this rank decodes under torchrun: those of the batches it
     runs (its every N-th batch, the batches of its gradient draws), the first ones and the
     holdout. Without a holdout the function check runs on every calibration batch on
@@ -141,7 +141,7 @@ def _share(options: RescaleOptions, calib_options: CalibrationOptions, ranks):
     count = -(-calib_options.images // size)
     batches = set(range(ranks.rank, count, ranks.world))
     if options.between:  # the batches of this rank's gradient draws
-        batches |= set(draw_batches(options.grad_batches, count).values())
+        batches |= set(draw_batches(options.draws(loaded), count).values())
     return Share(batch_size=size, batches=frozenset(batches), prefix=SAMPLE_IMAGES,
                  images=calib_options.images, window=ranks.world * size)
 

@@ -15,6 +15,8 @@ import typer
 
 from ..errors import UsageError
 from ..options import (
+    FRESH_DRAWS,
+    LOADED_DRAWS,
     WEIGHT_DRAWS,
     CalibrationOptions,
     RescaleOptions,
@@ -123,9 +125,11 @@ MemoryFormatOpt = Annotated[str, typer.Option(
 BatchOpt = Annotated[int, typer.Option(
     "--batch-size", metavar="N", min=1, rich_help_panel=METHOD,
     help="Images per forward pass.")]
-GradBatchesOpt = Annotated[int, typer.Option(
-    "--grad-batches", metavar="N", min=1, rich_help_panel=METHOD,
-    help="Batches (each with its own random loss direction) per change-rate estimate.")]
+GradBatchesOpt = Annotated[int | None, typer.Option(
+    "--grad-batches", metavar="N", min=1, rich_help_panel=METHOD, show_default=False,
+    help="Batches (each with its own random loss direction) per change-rate estimate "
+         f"[default: {FRESH_DRAWS} on a fresh net, {LOADED_DRAWS} where weights are "
+         "loaded].")]
 AllowChangeOpt = Annotated[bool, typer.Option(
     "--allow-function-change", rich_help_panel=METHOD,
     help="Let units move whose rescaling cannot be compensated (they are pinned otherwise).")]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -62,6 +62,7 @@ def dry_run(
         scan = scan_units(model, sample)
         names = [u.name for u in scan.units]
         fresh_set = set(names) if fresh is None else set(fresh)
+        options = replace(options, grad_batches=options.draws(not fresh_set >= set(names)))
         draws = options.within_draws(names, fresh_set)
         share = options.residual_init == "data" and fresh_set >= set(names)
         with _branches_shared(model, sample if share else None) as zero_started:

@@ -462,3 +462,31 @@ def test_a_start_left_on_a_guard_edge_is_not_carried_past_it():
     assert share < 1e-5
     assert _share(torch.tensor([0.0, 0.5], dtype=torch.float64), [edge, inside]) == 1.0
     assert abs(_share(torch.tensor([0.0, 2.0], dtype=torch.float64), [edge, inside]) - 0.5) < 1e-5
+
+
+def test_loaded_weights_get_more_gradient_draws_than_fresh_ones(monkeypatch):
+    """The promise on loaded weights is per unit, and the estimate's noise is what moves a
+    unit that starts near the mean: without --grad-batches a net with any loaded unit gets
+    LOADED_DRAWS, a fresh one FRESH_DRAWS, and the report says which."""
+    import ckptinit.method.between as between
+    from ckptinit.options import FRESH_DRAWS, LOADED_DRAWS
+
+    assert LOADED_DRAWS > FRESH_DRAWS
+    seen = []
+    real = between.estimate_rates
+
+    def spy(model, units, batches, draws, seed, slices=None):
+        seen.append(draws)
+        return real(model, units, batches, draws, seed, slices)
+
+    monkeypatch.setattr(between, "estimate_rates", spy)
+    x = smooth_images(24, 16)
+    cases = [(None, {}, FRESH_DRAWS), ((), LOADED, LOADED_DRAWS),
+             ({"f2"}, LOADED, LOADED_DRAWS), ((), dict(LOADED, grad_batches=3), 3)]
+    for fresh, extra, want in cases:
+        seen.clear()
+        torch.manual_seed(0)
+        _, report = rescale(PlainNet(), x[:16], RescaleOptions(iters=1, **extra), fresh=fresh,
+                            holdout=x[16:])
+        assert seen and set(seen) == {want}, (fresh, seen)
+        assert report.options["grad_batches"] == want
