@@ -45,9 +45,10 @@ RELAX_PENALTY = 0.05  # the cost of a relaxed (approximate) move, against 2 for 
 SCALE_FREE = ("zero gradient: its one weight per channel is normalised away by the "
               "BatchNorm after it")
 SCALE_FREE_RATE = 1e-2
-# how far the default 2 gradient draws' log rate may sit from an independent estimate
-# (a loaded eva02 of 6 blocks: up to 0.154 against 16 draws); the every-tied solve's guard
-# allows for it
+# how far 2 gradient draws' log rate may sit from an independent estimate (a loaded eva02
+# of 6 blocks: up to 0.154 against 16 draws); the every-tied solve's guard allows for it.
+# Loaded nets get 8 draws by default (options.LOADED_DRAWS), which sit closer: there the
+# guard errs on the safe side
 RATE_NOISE = 0.15
 HAIR = 1e-6  # how far (in log) the penalty solve may miss a box it holds
 STALL = 0.1  # a solve that moves no rate by this share of the tolerance has nothing left
