@@ -79,6 +79,8 @@ class RunReport:
     rate_floor_units: list[str] = field(default_factory=list)
     function_check: FunctionCheck | None = None
     output_std: float | None = None  # the output's std on held-out images, eval mode
+    # d log(output std) / d log(contrast) there: 1 scale-equivariant, 0 behind a final norm
+    output_contrast_gain: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     # device, peak_rss_bytes (process), and on CUDA device_name, peak_device_bytes (this run);
     # from the CLI also spool_bytes/spool_dtype (the calibration images on disk)

@@ -222,7 +222,9 @@ def summary_line(report: RunReport) -> str:
         parts.append(f"change of the {getattr(fc, 'scope', 'outputs')} on {fc.images} "
                      f"held-out images {fc.rel_change:.1e} ({verdict})")
     if report.output_std is not None and report.command == "rescale":
-        parts.append(f"output std on held-out images {report.output_std:.3g}")
+        gain = report.output_contrast_gain
+        parts.append(f"output std on held-out images {report.output_std:.3g}"
+                     + (f" (contrast gain {gain:.2g})" if gain is not None else ""))
     return "; ".join(parts)
 
 

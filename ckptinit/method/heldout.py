@@ -1,6 +1,7 @@
 """The model after the steps, measured on held-out images in eval mode (as the checkpoint
-will be used): the output's scale, and every unit's output statistics. The steps never saw
-these images, so what they report is not the moments they fitted."""
+will be used): the output's scale, how strongly it follows the images' contrast, and every
+unit's output statistics. The steps never saw these images, so what they report is not the
+moments they fitted."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..distributed import all_reduce_sum_
+from ..distributed import all_reduce_sum_, shard
 from ..report import RunReport
 from .rates import output_tensors
 from .units import Unit
@@ -20,6 +21,11 @@ from .within import measure_outputs
 log = logging.getLogger(__name__)
 
 OUTPUT_STD_RANGE = (0.5, 2.0)  # x --head-std: the output scale carried over to other images
+# the held-out images at 0.9 and 1.1 x their contrast (of the normalised input): the output
+# std's exponent is 1 for a scale-equivariant net, 0 behind a final norm; 0.7-2.0 for
+# timm's init of ResNet, VGG, EfficientNet and MobileNetV3 (benchmarks/README.md)
+CONTRAST = (0.9, 1.1)
+CONTRAST_GAIN_LIMIT = 3.0  # above: eval mode amplifies any change of image statistics
 
 
 def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.Tensor],
@@ -49,7 +55,18 @@ def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.T
         4, dtype=torch.float64, device=next(model.parameters()).device)
     all_reduce_sum_([total])  # under torchrun every rank ran its share of the batches
     images, n, s1, s2 = total.tolist()
-    report.output_std = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) if n > 1 else None
+    report.output_std = _std(n, s1, s2)
+    report.output_contrast_gain = _contrast_gain(model, holdout)
+    gain = report.output_contrast_gain
+    if drawn and gain is not None and gain > CONTRAST_GAIN_LIMIT:
+        msg = (f"in eval mode the model's output std follows the images' contrast to the "
+               f"power {gain:.2g} (held-out images at {CONTRAST[0]:g} and {CONTRAST[1]:g} x "
+               "their contrast; a scale-equivariant net has 1): images less like the "
+               "calibration ones get a much larger or smaller output scale. Training on "
+               "BatchNorm batch statistics takes most of it away; for eval-mode use, "
+               "calibrate on images like those it will see (--data)")
+        log.warning(msg[0].upper() + msg[1:] + ".")
+        report.notes.append("contrast gain: " + msg)
     lo, hi = (head_std * r for r in OUTPUT_STD_RANGE)
     if drawn and report.output_std is not None and not lo <= report.output_std <= hi:
         msg = (f"the model's output std on {int(images)} held-out images (eval mode) is "
@@ -59,3 +76,34 @@ def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.T
                "varied, calibration images (--images, --data) usually fix it")
         log.warning(msg[0].upper() + msg[1:] + ".")
         report.notes.append("output scale: " + msg)
+
+
+def _std(n: float, s1: float, s2: float) -> float | None:
+    return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) if n > 1 else None
+
+
+@torch.no_grad()
+def _contrast_gain(model: nn.Module, holdout: Iterable[torch.Tensor]) -> float | None:
+    """d log std(f(c x)) / d log c at c = 1, from the output std at the two CONTRAST
+    factors, eval mode (sums reduced over the ranks, as above)."""
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        parts = []
+        for _, x in shard(holdout):  # this rank's batches
+            row = []
+            for c in CONTRAST:
+                v = torch.cat([t.flatten(1).double() for t in output_tensors(model(x * c))], 1)
+                row.append(torch.stack([v.new_tensor(v.numel()), v.sum(), (v * v).sum()]))
+            parts.append(torch.cat(row))
+    finally:
+        for m, t in was.items():
+            m.train(t)
+    device = next(model.parameters()).device
+    total = torch.stack(parts).sum(0) if parts else torch.zeros(6, dtype=torch.float64,
+                                                                device=device)
+    all_reduce_sum_([total])
+    lo, hi = _std(*total[:3].tolist()), _std(*total[3:].tolist())
+    if not lo or not hi:
+        return None
+    return math.log(hi / lo) / math.log(CONTRAST[1] / CONTRAST[0])
