@@ -79,7 +79,7 @@ def _skimage_photos(names: list[str] = PHOTOS) -> list[Image.Image]:
 
 
 def _sample_photos() -> list[Image.Image]:
-    folder = ROOT / "ckptinit/data/samples"
+    folder = ROOT / "samples"
     return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))]
 
 

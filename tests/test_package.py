@@ -4,7 +4,6 @@ wheel and runs it from a fresh venv and from a `pip install --user`)."""
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.metadata
 import os
 import re
@@ -39,23 +38,42 @@ def test_library_logging_is_silent_unless_configured():
     assert proc.returncode == 0 and proc.stderr == ""
 
 
-def _package_data_globs() -> list[str]:
+def _setuptools_config() -> dict:
     tomllib = pytest.importorskip("tomllib")
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    data = config["tool"]["setuptools"]["package-data"]
-    return [f"{package.replace('.', '/')}/{glob}" for package, globs in data.items()
-            for glob in globs]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
-def test_samples_are_package_data_found_through_importlib_resources():
+def _installed_paths() -> dict[Path, str]:
+    """Every file the package data globs install, by its path in the tree -> its package."""
+    config = _setuptools_config()
+    dirs = config.get("package-dir", {})
+    out = {}
+    for package, globs in config["package-data"].items():
+        folder = ROOT / dirs.get(package, package.replace(".", "/"))
+        for glob in globs:
+            out.update({p.resolve(): package for p in folder.glob(glob)})
+    return out
+
+
+def test_samples_live_at_the_top_and_install_as_package_data():
     folder = samples_dir()
-    assert folder == PACKAGE / "data" / "samples"
+    assert folder.resolve() == ROOT / "samples"
     photos = sorted(folder.glob("*.jpg"))
     assert len(photos) == 13
-    globs = _package_data_globs()
+    installed = _installed_paths()
     for path in [*photos, folder / "README.md"]:
-        rel = path.relative_to(PACKAGE.parent).as_posix()
-        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} would not be installed"
+        assert installed.get(path.resolve()) == "ckptinit.samples", f"{path} would not install"
+
+
+def test_the_package_list_names_every_package_of_the_tree():
+    """pyproject.toml lists the packages (samples/ maps onto ckptinit.samples), so a new
+    sub-package must be added there or it would be left out of the wheel."""
+    config = _setuptools_config()
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "ckptinit").rglob("__init__.py")}
+    found |= {pkg for pkg, folder in config.get("package-dir", {}).items()
+              if (ROOT / folder / "__init__.py").is_file()}
+    assert set(config["packages"]) == found
 
 
 def _copy_source(dest: Path) -> Path:

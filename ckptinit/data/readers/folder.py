@@ -19,10 +19,10 @@ SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "test", "dev
 
 
 def samples_dir() -> Path:
-    """Folder of the shipped sample photos: package data of `ckptinit.data`, found through
-    importlib.resources, so that every kind of install (source tree, editable, wheel,
-    `pip install --user`) finds them where the package itself is."""
-    folder = resources.files("ckptinit.data") / "samples"
+    """Folder of the shipped sample photos: `samples/` at the top of the repository, which
+    installs as the package data of `ckptinit.samples`; importlib.resources finds it in every
+    kind of install (editable, wheel, `pip install --user`)."""
+    folder = resources.files("ckptinit.samples")
     if not isinstance(folder, Path):  # a zip import: no folder on disk to read
         raise DataError("The sample photos cannot be read from a zipped install; install "
                         "ckptinit unzipped, or pass --data with an image folder.")

@@ -1,8 +1,7 @@
 """Export the shipped calibration photos from scikit-image's bundled data (run once, by hand).
 
-scikit-image is not a dependency of ckptinit: it is only needed to re-create
-`ckptinit/data/samples/`. Usage: `pip install scikit-image && python
-ckptinit/data/samples/export_skimage.py`.
+scikit-image is not a dependency of ckptinit: it is only needed to re-create `samples/`.
+Usage: `pip install scikit-image && python samples/export_skimage.py`.
 Every photo chosen is public domain or CC0 (see README.md beside this script); images whose
 licence is unstated (for example `stereo_motorcycle`, `moon`, `page`) are left out.
 """
