@@ -127,9 +127,8 @@ BatchOpt = Annotated[int, typer.Option(
     help="Images per forward pass.")]
 GradBatchesOpt = Annotated[int | None, typer.Option(
     "--grad-batches", metavar="N", min=1, rich_help_panel=METHOD, show_default=False,
-    help="Batches (each with its own random loss direction) per change-rate estimate "
-         f"[default: {FRESH_DRAWS} on a fresh net, {LOADED_DRAWS} where weights are "
-         "loaded].")]
+    help=f"Random loss draws per change-rate estimate [default: {FRESH_DRAWS} fresh, "
+         f"{LOADED_DRAWS} loaded].")]
 AllowChangeOpt = Annotated[bool, typer.Option(
     "--allow-function-change", rich_help_panel=METHOD,
     help="Let units move whose rescaling cannot be compensated (they are pinned otherwise).")]

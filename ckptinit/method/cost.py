@@ -130,11 +130,14 @@ def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, withi
             note=f"{nb} batch(es) per pass" + (f", at most {MAX_PASSES} passes (stops when no "
                                                f"channel moves by more than --tol)"
                                                if nb > 1 else ", one exact pass")))
-    scale = PassEstimate("output scale (eval mode)", nh if holdout else 1,
-                         images=bh if holdout else min(16, b),
-                         note="held-out images" if holdout else "the first calibration images")
+    n_scale = nh if holdout else 1
+    where = dict(images=bh if holdout else min(16, b),
+                 note="held-out images" if holdout else "the first calibration images")
+    scale = [PassEstimate("output scale (eval mode)", n_scale, **where),
+             PassEstimate("contrast gain (eval mode)", 2 * n_scale,
+                          **dict(where, note=where["note"] + " at 0.9 and 1.1 x contrast"))]
     if not options.between:
-        return out + [scale]
+        return out + scale
     out.append(PassEstimate("trace the data flow", traces, images=TRACE_IMAGES))
     out.append(PassEstimate("function check (before), float64", nh, images=bh,
                             note="held-out images" if holdout else "calibration images"))
@@ -155,7 +158,7 @@ def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, withi
         out.append(PassEstimate("re-estimate BatchNorm", nb, images=b, bound=True,
                                 note="after moves that change the function"))
     out.append(PassEstimate("function check (after), float64", nh, images=bh))
-    return out + [scale]
+    return out + scale
 
 
 def estimate_memory(model: nn.Module, units: list[Unit], fp: Footprint,

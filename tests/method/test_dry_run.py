@@ -44,7 +44,8 @@ def test_steps_switched_off_are_planned_as_off():
                for u in plan.units)
     assert [p.stage for p in plan.passes] == ["scan units",
                                               "find zero-started residual branches",
-                                              "output scale (eval mode)"]
+                                              "output scale (eval mode)",
+                                              "contrast gain (eval mode)"]
     loaded = dry_run(model, (3, 32, 32), RescaleOptions(), fresh={"fc"}, images=8, holdout=0)
     assert {u.name for u in loaded.units if u.within} == {"fc"}
     assert all(u.draw == "kept" for u in loaded.units if u.name != "fc")
