@@ -188,6 +188,7 @@ CKPT_INITS = {
     "ckpt_timm_residual": dict(residual_init="timm"),
     "ckpt_head05": dict(head_std=0.5),  # candidates for the --head-std default
     "ckpt_head025": dict(head_std=0.25),
+    "ckpt_head06": dict(head_std=0.6),
     "ckpt_head07": dict(head_std=0.7),
     "ckpt_head1": dict(head_std=1.0),
 }
@@ -200,7 +201,7 @@ INIT_LABELS = {
     "ckpt_kmeans": "ckptinit kmeans+within+between", "ckpt_adam": "ckptinit --optimizer adam",
     "ckpt_timm_residual": "ckptinit --residual-init timm",
     "ckpt_head05": "ckptinit --head-std 0.5", "ckpt_head025": "ckptinit --head-std 0.25",
-    "ckpt_head07": "ckptinit --head-std 0.7", "ckpt_head1": "ckptinit --head-std 1",
+    "ckpt_head06": "ckptinit --head-std 0.6", "ckpt_head07": "ckptinit --head-std 0.7", "ckpt_head1": "ckptinit --head-std 1",
 }
 try:
     from _candidates import LABELS as _CANDIDATE_LABELS
