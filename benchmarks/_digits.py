@@ -201,7 +201,8 @@ INIT_LABELS = {
     "ckpt_kmeans": "ckptinit kmeans+within+between", "ckpt_adam": "ckptinit --optimizer adam",
     "ckpt_timm_residual": "ckptinit --residual-init timm",
     "ckpt_head05": "ckptinit --head-std 0.5", "ckpt_head025": "ckptinit --head-std 0.25",
-    "ckpt_head06": "ckptinit --head-std 0.6", "ckpt_head07": "ckptinit --head-std 0.7", "ckpt_head1": "ckptinit --head-std 1",
+    "ckpt_head06": "ckptinit --head-std 0.6", "ckpt_head07": "ckptinit --head-std 0.7",
+    "ckpt_head1": "ckptinit --head-std 1",
 }
 try:
     from _candidates import LABELS as _CANDIDATE_LABELS
