@@ -11,6 +11,11 @@ seed), eval mode for the output scale. timm's own init is measured the same way.
     .venv/bin/python benchmarks/archs.py                      # all, 64 images at 224 px
     .venv/bin/python benchmarks/archs.py --archs resnet18 vit_tiny_patch16_224 --quick
     .venv/bin/python benchmarks/archs.py --table benchmarks/results/archs.json
+    .venv/bin/python benchmarks/archs.py --split --kinds fresh   # held-out sample photos
+
+With `--split` the step calibrates on every other shipped sample photo (`--data` a folder of
+7) and the "crops" are cut from the other 6 only: held-out photos of the same kind as the
+calibration ones, which the step never saw.
 
 Trained-like weights: timm's init with random BatchNorm/LayerNorm affines and running
 statistics, LayerScale gammas in [0.1, 0.2], cls/position tokens N(0, 0.5) (timm starts
@@ -78,9 +83,12 @@ def _skimage_photos(names: list[str] = PHOTOS) -> list[Image.Image]:
     return out
 
 
-def _sample_photos() -> list[Image.Image]:
-    folder = ROOT / "samples"
-    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))]
+def _sample_paths() -> list[Path]:
+    return sorted((ROOT / "samples").glob("*.jpg"))
+
+
+def _sample_photos(paths: list[Path] | None = None) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in (paths or _sample_paths())]
 
 
 def crops(photos: list[Image.Image], n: int, size: int, mean, std, seed: int) -> torch.Tensor:
@@ -262,7 +270,9 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
     cfg = fresh.pretrained_cfg
     size = cfg["input_size"][-1] if opts.size is None else opts.size
     photos = crops(_skimage_photos(), opts.check_images, size, cfg["mean"], cfg["std"], 4321)
-    other = crops(_sample_photos(), opts.check_images, size, cfg["mean"], cfg["std"], 8765)
+    # --split: the step sees every other sample photo, "crops" come from the others only
+    check = _sample_paths()[1::2] if opts.split else None
+    other = crops(_sample_photos(check), opts.check_images, size, cfg["mean"], cfg["std"], 8765)
     mates = crops(_skimage_photos(), opts.check_images, size, cfg["mean"], cfg["std"], 1234)
     wheel = crops(_skimage_photos(SYNTHETIC), 4, size, cfg["mean"], cfg["std"], 4321)
     margs = [arg for k, v in kwargs.items() for arg in ("--model-arg", f"{k}={v}")]
@@ -271,6 +281,13 @@ def run_one(index: int, name: str, kwargs: dict, opts, tmp: Path) -> list[dict]:
     sgd = opts.optimizer == "sgd"  # under Adam the gradient rates are not what is equalised
     if opts.size is not None:
         common += ["--input-size", str(size)]
+    if opts.split:
+        folder = tmp / "calibration-photos"
+        folder.mkdir(exist_ok=True)
+        for p in _sample_paths()[::2]:
+            if not (folder / p.name).exists():
+                (folder / p.name).symlink_to(p)
+        common += ["--data", str(folder)]
     common += shlex.split(opts.ckptinit_args)
     for kind in opts.kinds:
         out = tmp / f"{index}-{name}-{kind}.safetensors"
@@ -388,6 +405,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--ckptinit-args", default="",
                     help="more `ckptinit rescale` arguments, one string (e.g. '--grad-batches 8')")
+    ap.add_argument("--split", action="store_true",
+                    help="calibrate on every other sample photo (--data) and take the "
+                         "'crops' from the other photos only: held-out photos of one kind")
     ap.add_argument("--unit-rates", action="store_true",
                     help="keep every movable unit's rate on the crops, before and after")
     ap.add_argument("--table", type=Path, help="print the Markdown table of a results file")
