@@ -23,7 +23,7 @@ from .device import (
 )
 from .errors import UsageError
 from .layout import memory_layout
-from .method.heldout import check_heldout
+from .method.heldout import check_heldout, heldout_rate_spread
 from .method.units import called_units, scan_units
 from .method.within import normalize_within_
 from .options import (
@@ -159,8 +159,15 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
     holdout_batches = _batches(holdout, options.batch_size, device) if held else batches
     if options.between:
         with precision(device, tf32=False):  # its function check compares outputs to 1e-4
-            _between(model, scan, batches, holdout_batches, report, options, fresh_set, note,
-                     sample)
+            plan = _between(model, scan, batches, holdout_batches, report, options, fresh_set,
+                            note, sample)
+            if held and options.optimizer == "sgd":  # Adam's rates need no gradient
+                t = time.perf_counter()
+                note("change rates on the held-out images")
+                report.rate_spread_heldout = heldout_rate_spread(
+                    model, plan.units, holdout_batches, report.units, options.grad_batches,
+                    options.seed, plan.slices)
+                report.timings["heldout_rates"] = time.perf_counter() - t
     else:
         report.notes.append("between-layer step skipped")
     if not held:  # a check, not a second pass over everything
@@ -203,7 +210,8 @@ def _share_branches(model, sample, report) -> None:
             "(--residual-init timm keeps them)")
 
 
-def _between(model, scan, batches, holdout, report, options, fresh, note, sample) -> None:
+def _between(model, scan, batches, holdout, report, options, fresh, note, sample):
+    """The between-layer step and its report line; returns the plan of moves it used."""
     from .method.between import rescale_between_
     from .method.moves import plan_moves
 
@@ -242,6 +250,7 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
            if result.floor is not None and result.floor > 1 + options.tol else "")
     )
     report.timings["between"] = time.perf_counter() - t
+    return plan
 
 
 def _g(value: float | None) -> str:

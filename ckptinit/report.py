@@ -81,6 +81,9 @@ class RunReport:
     output_std: float | None = None  # the output's std on held-out images, eval mode
     # d log(output std) / d log(contrast) there: 1 scale-equivariant, 0 behind a final norm
     output_contrast_gain: float | None = None
+    # the movable units' change-rate spread re-measured after the step on the held-out
+    # images with other gradient draws (SGD rates only): what carries over to other images
+    rate_spread_heldout: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     # device, peak_rss_bytes (process), and on CUDA device_name, peak_device_bytes (this run);
     # from the CLI also spool_bytes/spool_dtype (the calibration images on disk)

@@ -195,8 +195,11 @@ def summary_line(report: RunReport) -> str:
             movable = counts["ok"] + counts["not converged"]
             floor = report.rate_floor
             low = floor is not None and floor > 1 + report.options.get("tol", 0.01)
+            held = report.rate_spread_heldout
             parts.append(f"rate spread {_spread(report.rate_spread('before'))} → "
                          f"{_spread(report.rate_spread('after'))}"
+                         + (f" ({_spread(held)} on held-out images, other draws)"
+                            if held is not None else "")
                          + (f" (floor {_spread(floor)}: units that move only together)"
                             if low else "")
                          + f" over {movable} movable units "

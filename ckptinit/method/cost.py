@@ -158,6 +158,9 @@ def estimate_passes(options: RescaleOptions, *, images: int, holdout: int, withi
         out.append(PassEstimate("re-estimate BatchNorm", nb, images=b, bound=True,
                                 note="after moves that change the function"))
     out.append(PassEstimate("function check (after), float64", nh, images=bh))
+    if holdout and not adam:
+        out.append(PassEstimate("change rates on the held-out images", g, g, images=bh,
+                                note="--grad-batches draws, another seed"))
     return out + scale
 
 

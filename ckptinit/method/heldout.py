@@ -1,7 +1,8 @@
 """The model after the steps, measured on held-out images in eval mode (as the checkpoint
 will be used): the output's scale, how strongly it follows the images' contrast, and every
-unit's output statistics. The steps never saw these images, so what they report is not the
-moments they fitted."""
+unit's output statistics; and the change rates once more, on those images with other
+gradient draws. The steps never saw these images, so what they report is not the moments
+or the rates they fitted."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum_, shard
-from ..report import RunReport
-from .rates import output_tensors
+from ..report import MOVABLE, RunReport, UnitRecord
+from .rates import estimate_rates, output_tensors
 from .units import Unit
 from .within import measure_outputs
 
@@ -76,6 +77,25 @@ def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.T
                "varied, calibration images (--images, --data) usually fix it")
         log.warning(msg[0].upper() + msg[1:] + ".")
         report.notes.append("output scale: " + msg)
+
+
+def heldout_rate_spread(model: nn.Module, units: list[Unit], holdout, records: list[UnitRecord],
+                        draws: int, seed: int, slices: dict[str, int]) -> float | None:
+    """max/min change rate over the unit slices the report calls movable, estimated on the
+    held-out images with another seed's gradient draws. The step's own spread is measured
+    on the draws it equalised, so it is small by construction; this one is not."""
+    rates = estimate_rates(model, units, holdout, draws, seed + 1, slices)
+    values = []
+    for rec in records:
+        if rec.name not in rates.grad_sq:
+            continue
+        if rec.slices:
+            per = rates.slice_rates(rec.name)
+            values += [per[s] for s, part in enumerate(rec.slices) if part["status"] in MOVABLE]
+        elif rec.between_status in MOVABLE:
+            values.append(rates.rate(rec.name))
+    values = [v for v in values if math.isfinite(v) and v > 0]
+    return max(values) / min(values) if len(values) > 1 else None
 
 
 def _std(n: float, s1: float, s2: float) -> float | None:

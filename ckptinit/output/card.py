@@ -202,7 +202,10 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"- Change-rate spread (max/min) among the units that may move: "
                      f"{_num(report.get('rate_spread_before'))}× before, "
                      f"{_num(report.get('rate_spread_after'))}× after ({iters} "
-                     f"iteration(s), {done}).")
+                     f"iteration(s), {done})"
+                     + (f"; {_num(report['rate_spread_heldout'])}× re-measured on held-out "
+                        "images with other gradient draws"
+                        if report.get("rate_spread_heldout") is not None else "") + ".")
         floor = report.get("rate_floor")
         if floor is not None and floor > 1 + (report.get("options") or {}).get("tol", 0.01):
             lines.append(f"- No function-preserving move brings that spread below "

@@ -17,7 +17,7 @@ from tests.conftest import smooth_images
 
 
 def counted_run(model: nn.Module, images: torch.Tensor, options: RescaleOptions,
-                monkeypatch) -> tuple[int, int]:
+                monkeypatch, holdout: torch.Tensor | None = None) -> tuple[int, int]:
     """Calls of the model's forward (its float64 copies included: hooks are copied) and of
     autograd's backward during one real `rescale`."""
     calls = {"forward": 0, "backward": 0}
@@ -30,7 +30,7 @@ def counted_run(model: nn.Module, images: torch.Tensor, options: RescaleOptions,
         return grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
-    rescale(model, images, options)
+    rescale(model, images, options, holdout=holdout)
     monkeypatch.undo()
     return calls["forward"], calls["backward"]
 
@@ -63,6 +63,17 @@ def test_estimated_passes_are_exact_for_one_batch_and_no_iteration(monkeypatch):
     plan = dry_run(model, (3, 32, 32), options, images=6, holdout=0)
     assert not any(p.bound for p in plan.passes)
     assert counted_run(model, images, options, monkeypatch) == (plan.forwards, plan.backwards)
+
+
+def test_estimated_passes_are_exact_with_held_out_images(monkeypatch):
+    """Held-out images add the change rates re-measured on them (and the checks' passes)."""
+    model = timm.create_model("test_resnet", pretrained=False)
+    images, holdout = smooth_images(6, 32), smooth_images(4, 32, seed=1)
+    options = RescaleOptions(batch_size=8, grad_batches=2, iters=0, device="cpu")
+    plan = dry_run(model, (3, 32, 32), options, images=6, holdout=4)
+    assert any(p.stage == "change rates on the held-out images" for p in plan.passes)
+    assert counted_run(model, images, options, monkeypatch, holdout) == (plan.forwards,
+                                                                        plan.backwards)
 
 
 def test_footprint_counts_at_least_what_the_modules_output_and_scales_with_the_batch():

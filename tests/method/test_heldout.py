@@ -79,3 +79,23 @@ def test_an_expansive_fresh_net_is_warned_about_and_a_loaded_one_is_not(caplog):
                        holdout=x[32:])
     assert plain.output_contrast_gain < CONTRAST_GAIN_LIMIT
     assert not any(n.startswith("contrast gain:") for n in plain.notes)
+
+
+def test_the_rate_spread_is_re_measured_on_held_out_images_only_when_there_are_some():
+    """Other images and other gradient draws: the step's own spread is about 1 by
+    construction, the held-out one is not, and it must still show the step's gain."""
+    import timm
+
+    from ckptinit.cli.render import summary_line
+
+    images, holdout = smooth_images(16, 32), smooth_images(8, 32, seed=3)
+    options = RescaleOptions(batch_size=16, device="cpu")
+    model = timm.create_model("test_resnet", pretrained=False)
+    _, report = rescale(model, images, options, holdout=holdout)
+    held = report.rate_spread_heldout
+    assert held is not None and held > report.rate_spread("after")
+    assert held < report.rate_spread("before") / 2
+    assert "on held-out images, other draws" in summary_line(report)
+    assert report.to_dict()["rate_spread_heldout"] == held
+    _, report = rescale(timm.create_model("test_resnet", pretrained=False), images, options)
+    assert report.rate_spread_heldout is None  # no held-out images: nothing to re-measure

@@ -1,0 +1,90 @@
+"""Does the change-rate spread carry over to photos the step never saw? A cross check.
+
+The shipped sample photos are split in two sets, A (every other photo, 7) and B (the
+other 6). `ckptinit rescale ARCH --data <set>` runs on A, on B and on all 13 (the CLI, a
+subprocess, default settings, 64 calibration images), and each written checkpoint is
+measured by `archs.py`'s own code on 32 crops of A and 32 crops of B, with two seeds of
+gradient draws: the spread over the movable units (max/min change rate) and the output
+std in eval mode. The diagonal (calibrated and checked on one set, other crops) against
+the off-diagonal (checked on the other set) separates what the step gets right on its
+calibration distribution from what changes with the images.
+
+    .venv/bin/python benchmarks/photo_sets.py --archs vit_tiny_patch16_224 convnext_atto \
+        --json benchmarks/results/archs/photo-sets.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import archs  # noqa: E402  (the measuring code, shared with archs.py, not with ckptinit)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def calibrate(arch: str, photos: list[Path], tmp: Path, tag: str) -> tuple[Path, dict, float]:
+    folder = tmp / f"{arch}-{tag}"
+    folder.mkdir()
+    for p in photos:
+        (folder / p.name).symlink_to(p)
+    out, rep = tmp / f"{arch}-{tag}.safetensors", tmp / f"{arch}-{tag}.json"
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "ckptinit", "rescale", arch, "--data", str(folder),
+                        "--images", "64", "--seed", "0", "--device", "cpu", "-o", str(out),
+                        "--report", str(rep), "-q"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if p.returncode != 0:
+        raise SystemExit(f"{arch} on set {tag}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+    return out, json.loads(rep.read_text()), time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--archs", nargs="+", default=["vit_tiny_patch16_224", "convnext_atto"])
+    ap.add_argument("--check-images", type=int, default=32)
+    ap.add_argument("--draws", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[99, 7])
+    ap.add_argument("--json", type=Path)
+    opts = ap.parse_args()
+    paths = archs._sample_paths()
+    sets = {"A": paths[::2], "B": paths[1::2], "all": paths}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in opts.archs:
+            torch.manual_seed(0)
+            cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
+            size = cfg["input_size"][-1]
+            checks = {k: archs.crops(archs._sample_photos(sets[k]), opts.check_images, size,
+                                     cfg["mean"], cfg["std"], 8765) for k in ("A", "B")}
+            for cal in sets:
+                out, report, secs = calibrate(arch, sets[cal], Path(tmp), cal)
+                keys = archs.movable_keys(report)
+                model = timm.create_model(arch, pretrained=False)
+                model.load_state_dict(load_file(str(out)))
+                for chk, x in checks.items():
+                    spreads = [archs.spread(archs.rates(model, x, opts.draws, s), keys)
+                               for s in opts.seeds]
+                    row = dict(arch=arch, calibrated_on=cal, checked_on=chk,
+                               held_out=cal != chk and cal != "all", seconds=round(secs, 1),
+                               spread=[round(v, 3) for v in spreads],
+                               output_std=round(float(archs.outputs(model, x).std()), 4))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    if opts.json:
+        opts.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
