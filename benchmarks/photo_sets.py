@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import timm
@@ -40,14 +38,12 @@ def calibrate(arch: str, photos: list[Path], tmp: Path, tag: str) -> tuple[Path,
     for p in photos:
         (folder / p.name).symlink_to(p)
     out, rep = tmp / f"{arch}-{tag}.safetensors", tmp / f"{arch}-{tag}.json"
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "ckptinit", "rescale", arch, "--data", str(folder),
-                        "--images", "64", "--seed", "0", "--device", "cpu", "-o", str(out),
-                        "--report", str(rep), "-q"], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if p.returncode != 0:
-        raise SystemExit(f"{arch} on set {tag}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
-    return out, json.loads(rep.read_text()), time.perf_counter() - t
+    code, secs, last = archs.ckptinit(
+        [arch, "--data", str(folder), "--images", "64", "--seed", "0", "--device", "cpu",
+         "-o", str(out), "--report", str(rep)], dict(os.environ, PYTHONPATH=str(ROOT)))
+    if code != 0:
+        raise SystemExit(f"{arch} on set {tag}: exit {code}: {last}")
+    return out, json.loads(rep.read_text()), secs
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from .device import (
 )
 from .errors import UsageError
 from .layout import memory_layout
-from .method.heldout import check_heldout, heldout_rate_spread
+from .method.heldout import check_heldout, measure_heldout_rates
 from .method.units import called_units, scan_units
 from .method.within import normalize_within_
 from .options import (
@@ -164,9 +164,8 @@ def _rescale(model, images, options, device, fresh, holdout, progress) -> RunRep
             if held and options.optimizer == "sgd":  # Adam's rates need no gradient
                 t = time.perf_counter()
                 note("change rates on the held-out images")
-                report.rate_spread_heldout = heldout_rate_spread(
-                    model, plan.units, holdout_batches, report.units, options.grad_batches,
-                    options.seed, plan.slices)
+                measure_heldout_rates(model, plan.units, holdout_batches, report.units,
+                                      options.grad_batches, options.seed, plan.slices)
                 report.timings["heldout_rates"] = time.perf_counter() - t
     else:
         report.notes.append("between-layer step skipped")

@@ -37,6 +37,8 @@ class UnitRecord:
     # between-layer step
     rate_before: float | None = None
     rate_after: float | None = None
+    # after the step, on the held-out images with other gradient draws (SGD rates only)
+    rate_heldout: float | None = None
     r: float | None = None  # cumulative weight scale applied by the between-layer step
     compensation: str | None = None
     between_status: str | None = None  # ok | pinned | excluded | balanced | tied | limited
@@ -81,9 +83,6 @@ class RunReport:
     output_std: float | None = None  # the output's std on held-out images, eval mode
     # d log(output std) / d log(contrast) there: 1 scale-equivariant, 0 behind a final norm
     output_contrast_gain: float | None = None
-    # the movable units' change-rate spread re-measured after the step on the held-out
-    # images with other gradient draws (SGD rates only): what carries over to other images
-    rate_spread_heldout: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     # device, peak_rss_bytes (process), and on CUDA device_name, peak_device_bytes (this run);
     # from the CLI also spool_bytes/spool_dtype (the calibration images on disk)
@@ -94,7 +93,7 @@ class RunReport:
 
     def rate_spread(self, which: str = "after", movable_only: bool = True) -> float | None:
         """max/min change rate over the unit slices the between-layer step may move (or all
-        that receive gradient)."""
+        that receive gradient); `which` is before, after or heldout."""
         keep = MOVABLE if movable_only else MOVABLE + ("pinned", "balanced")
         rates = []
         for u in self.units:  # a fused q/k/v projection counts per slice
@@ -104,10 +103,17 @@ class RunReport:
         rates = [r for r in rates if r is not None and math.isfinite(r) and r > 0]
         return max(rates) / min(rates) if rates else None
 
+    @property
+    def rate_spread_heldout(self) -> float | None:
+        """The movable units' spread re-measured on held-out images with other draws: the
+        step's own "after" spread is small by construction, this one is not."""
+        return self.rate_spread("heldout")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rate_spread_before"] = self.rate_spread("before")
         d["rate_spread_after"] = self.rate_spread("after")
+        d["rate_spread_heldout"] = self.rate_spread_heldout
         d["rate_spread_all_before"] = self.rate_spread("before", movable_only=False)
         d["rate_spread_all_after"] = self.rate_spread("after", movable_only=False)
         return d

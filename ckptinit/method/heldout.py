@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum_, shard
-from ..report import MOVABLE, RunReport, UnitRecord
+from ..report import RunReport, UnitRecord
 from .rates import estimate_rates, output_tensors
 from .units import Unit
 from .within import measure_outputs
@@ -79,23 +79,17 @@ def check_heldout(model: nn.Module, units: list[Unit], holdout: Iterable[torch.T
         report.notes.append("output scale: " + msg)
 
 
-def heldout_rate_spread(model: nn.Module, units: list[Unit], holdout, records: list[UnitRecord],
-                        draws: int, seed: int, slices: dict[str, int]) -> float | None:
-    """max/min change rate over the unit slices the report calls movable, estimated on the
-    held-out images with another seed's gradient draws. The step's own spread is measured
-    on the draws it equalised, so it is small by construction; this one is not."""
+def measure_heldout_rates(model: nn.Module, units: list[Unit], holdout,
+                          records: list[UnitRecord], draws: int, seed: int,
+                          slices: dict[str, int]) -> None:
+    """Fill each unit's (and slice's) `rate_heldout`: the change rate after the step on the
+    held-out images, with another seed's gradient draws (`RunReport.rate_spread_heldout`)."""
     rates = estimate_rates(model, units, holdout, draws, seed + 1, slices)
-    values = []
     for rec in records:
-        if rec.name not in rates.grad_sq:
-            continue
-        if rec.slices:
-            per = rates.slice_rates(rec.name)
-            values += [per[s] for s, part in enumerate(rec.slices) if part["status"] in MOVABLE]
-        elif rec.between_status in MOVABLE:
-            values.append(rates.rate(rec.name))
-    values = [v for v in values if math.isfinite(v) and v > 0]
-    return max(values) / min(values) if len(values) > 1 else None
+        if rec.name in rates.grad_sq:
+            rec.rate_heldout = rates.rate(rec.name)
+            for part, rate in zip(rec.slices or [], rates.slice_rates(rec.name)):
+                part["rate_heldout"] = rate if math.isfinite(rate) else None
 
 
 def _std(n: float, s1: float, s2: float) -> float | None:
