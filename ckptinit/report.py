@@ -57,6 +57,13 @@ class FunctionCheck:
     scope: str = "outputs"  # or the features read by a new, freely moving head
 
 
+def heldout_words(data: dict) -> str:
+    """What the run's held-out checks measured: distinct images never used for fitting, or,
+    when there were too few, other crops of the calibration images (a weaker check)."""
+    return ("other crops of the calibration images" if data.get("holdout_overlaps")
+            else "held-out images")
+
+
 @dataclass
 class RunReport:
     """One run: what went in, what each unit got, and what was checked."""

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..output import metadata as md
-from ..report import RunReport, UnitRecord
+from ..report import RunReport, UnitRecord, heldout_words
 
 STATUS_STYLE = {"ok": "green", "dead": "yellow", "fallback": "yellow", "pinned": "cyan",
                 "excluded": "magenta", "not converged": "red", "skipped": "dim",
@@ -198,7 +198,7 @@ def summary_line(report: RunReport) -> str:
             held = report.rate_spread_heldout
             parts.append(f"rate spread {_spread(report.rate_spread('before'))} → "
                          f"{_spread(report.rate_spread('after'))}"
-                         + (f" ({_spread(held)} on held-out images, other draws)"
+                         + (f" ({_spread(held)} on {heldout_words(report.data)}, other draws)"
                             if held is not None else "")
                          + (f" (floor {_spread(floor)}: units that move only together)"
                             if low else "")
@@ -226,7 +226,7 @@ def summary_line(report: RunReport) -> str:
                      f"held-out images {fc.rel_change:.1e} ({verdict})")
     if report.output_std is not None and report.command == "rescale":
         gain = report.output_contrast_gain
-        parts.append(f"output std on held-out images {report.output_std:.3g}"
+        parts.append(f"output std on {heldout_words(report.data)} {report.output_std:.3g}"
                      + (f" (contrast gain {gain:.2g})" if gain is not None else ""))
     return "; ".join(parts)
 

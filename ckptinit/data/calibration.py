@@ -37,6 +37,11 @@ from .transforms import PixelNormalizer, Preprocess, resolve_data_config
 
 log = logging.getLogger(__name__)
 
+# fewer distinct calibration images than this get a warning: fitted on 7-21 distinct images,
+# ViT's and ConvNeXt's change rates spread 2-4.8x on photos the step never saw, on 39 about
+# 1.2-1.6x (benchmarks/README.md, "How many distinct images"); crops do not replace them
+MIN_DISTINCT = 32
+
 ProgressFn = Callable[[int, int], None]
 
 
@@ -209,6 +214,15 @@ def _fill(spool: ImageSpool, source: Source, prep: Preprocess, cfg: dict,
     notes = list(source.notes)
     notes += _selection_notes(distinct, len(calib), calib_missing, len(hold),
                               hold_missing, overlaps)
+    if len(calib) < MIN_DISTINCT:
+        msg = (f"only {count(len(calib), 'distinct calibration image')}"
+               + (f" ({calib_missing} more are crops of them)" if calib_missing > 0 else "")
+               + ": statistics and change rates fitted on so few carry over to other images "
+               "only roughly (most for attention, squeeze-excite and ConvNeXt nets); for a "
+               f"checkpoint you will train, pass --data with {MIN_DISTINCT} or more distinct "
+               "images like the ones it will see")
+        log.warning(msg[0].upper() + msg[1:] + ".")
+        notes.append(msg)
     if read.skipped:
         examples = "; ".join(f"{s.label}: {s.reason}" for s in read.skipped[:3])
         notes.append(f"{count(len(read.skipped), 'undecodable image')} skipped "

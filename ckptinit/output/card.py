@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._helpers import json_default
-from ..report import RunReport
+from ..report import RunReport, heldout_words
 from .plots import RATES_PNG, STATISTICS_PNG
 
 PAPER = ("Krähenbühl, Doersch, Donahue and Darrell, *Data-dependent Initializations of "
@@ -203,8 +203,8 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
                      f"{_num(report.get('rate_spread_before'))}× before, "
                      f"{_num(report.get('rate_spread_after'))}× after ({iters} "
                      f"iteration(s), {done})"
-                     + (f"; {_num(report['rate_spread_heldout'])}× re-measured on held-out "
-                        "images with other gradient draws"
+                     + (f"; {_num(report['rate_spread_heldout'])}× re-measured on "
+                        f"{heldout_words(report.get('data') or {})} with other gradient draws"
                         if report.get("rate_spread_heldout") is not None else "") + ".")
         floor = report.get("rate_floor")
         if floor is not None and floor > 1 + (report.get("options") or {}).get("tol", 0.01):

@@ -30,6 +30,25 @@ def test_samples_default_deterministic(model):
     assert [b.shape[0] for b in a.batches(24)] == [24, 24, 16]
 
 
+def test_few_distinct_images_warn_and_enough_do_not(model, tmp_path, caplog):
+    """Crops do not make up for distinct images: under MIN_DISTINCT the run says so."""
+    from ckptinit.data.calibration import MIN_DISTINCT
+    from tests.data.helpers import photo
+
+    few = load_calibration(model, opts())  # the 13 sample photos
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"Only {few.info.distinct_sources} distinct calibration images (51 more are crops")
+    assert any(n.startswith("only 13 distinct") for n in few.info.notes)
+    caplog.clear()
+    for i in range(MIN_DISTINCT + 4):
+        photo(i).save(tmp_path / f"{i}.png")
+    enough = load_calibration(model, opts(data=str(tmp_path), images=MIN_DISTINCT, holdout=4))
+    assert enough.info.distinct_sources == MIN_DISTINCT + 4 and enough.info.augmented == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert not any("distinct calibration image" in n for n in enough.info.notes)
+
+
 def test_more_images_than_files_reports_augmentation(model):
     cs = load_calibration(model, opts(images=20, holdout=0))
     n = cs.info.distinct_sources

@@ -103,7 +103,7 @@ def test_timm_residual_init_keeps_zero_branches_out():
     x = smooth_images(40, 32, seed=3)
     model, report = rescale(model, x[:32], RescaleOptions(batch_size=32, residual_init="timm"),
                             holdout=x[32:])
-    assert float(model.layer1[0].bn2.weight.abs().max()) == 0.0
+    assert float(model.layer1[0].bn2.weight.detach().abs().max()) == 0.0
     excluded = [u.name for u in report.units if u.between_status == "excluded"]
     assert len(excluded) == 16  # both convs of every block: the branch ends in a zero weight
     assert all(n.endswith(("conv1", "conv2")) and n.startswith("layer") for n in excluded)

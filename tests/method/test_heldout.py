@@ -96,6 +96,10 @@ def test_the_rate_spread_is_re_measured_on_held_out_images_only_when_there_are_s
     assert held is not None and held > report.rate_spread("after")
     assert held < report.rate_spread("before") / 2
     assert "on held-out images, other draws" in summary_line(report)
+    report.data = {"holdout_overlaps": True}  # what too few distinct images give (data/)
+    line = summary_line(report)
+    assert "on other crops of the calibration images, other draws" in line
+    assert "output std on other crops of the calibration images" in line
     assert report.to_dict()["rate_spread_heldout"] == held
     _, report = rescale(timm.create_model("test_resnet", pretrained=False), images, options)
     assert report.rate_spread_heldout is None  # no held-out images: nothing to re-measure

@@ -89,3 +89,16 @@ def test_missing_fields_do_not_break_it():
     assert "  - limited: `x`" in body
     assert "Function check: not run" in body
     assert "The between-layer step did not run." in body
+
+
+def test_held_out_rates_name_what_they_were_measured_on():
+    """Distinct held-out images, or only other crops of the calibration images (too few)."""
+    report = make_report()
+    report.unit("conv1").rate_heldout, report.unit("fc").rate_heldout = 2.0, 3.0
+    report.unit("fc").between_status = "ok"
+    body = ModelCard(render_card(report)).text
+    assert "1.5× re-measured on held-out images with other gradient draws" in body
+    report.data["holdout_overlaps"] = True
+    body = ModelCard(render_card(report)).text
+    assert ("1.5× re-measured on other crops of the calibration images with other gradient "
+            "draws") in body
