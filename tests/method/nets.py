@@ -120,7 +120,7 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 @torch.no_grad()
