@@ -50,6 +50,11 @@ SCALE_FREE_RATE = 1e-2
 # Loaded nets get 8 draws by default (options.LOADED_DRAWS), which sit closer: there the
 # guard errs on the safe side
 RATE_NOISE = 0.15
+# A unit may cross the mean (following the target past it) but then ends this many standard
+# errors of its own rate estimate short of its start's distance on the other side: at that
+# distance exactly, an independent measurement reads it further half of the time (a loaded
+# convnext_atto's stage-1 fc1 went from +0.23 to -0.23 and measured 0.02-0.09 further out)
+CROSS_MARGIN = 2.0
 HAIR = 1e-6  # how far (in log) the penalty solve may miss a box it holds
 STALL = 0.1  # a solve that moves no rate by this share of the tolerance has nothing left
 
@@ -120,19 +125,23 @@ def rescale_between_(
     counted = [k for k in movable if k not in excluded]
     t0 = sum(first[k] for k in targeted) / len(targeted) if targeted else 0.0
     slack = {k: max(abs(first[k] - t0), math.log1p(tol)) for k in counted}
+    noise = {} if adam else rates_first.log_rate_noise()  # Adam's RMS(W) is exact
+    guard = {k: _guard(first[k] - t0, slack[k], noise.get(k, 0.0), tol) for k in counted}
     tied: set[Key] = set()
     target, iteration, converged, approx_moved = t0, 0, not targeted, False
     fixed = None  # the target, once the first solve has chosen it
     centre = None  # the mean the guards keep units near, where it is not the target
     done = torch.zeros(plan.basis.shape[0], dtype=torch.float64)  # the moves made so far
     while targeted:
-        z, target, centre = _solve(plan, values, targeted, counted, tied, slack, response,
-                                   t0, tol, fixed, centre, done)
+        z, target, centre = _solve(plan, values, targeted, counted, tied, slack, guard,
+                                   response, t0, tol, fixed, centre, done)
         if fixed is None:  # later rounds only correct approximate moves: no drifting target
             fixed = target
             ref = target if centre is None else centre
-            slack = {k: max(slack[k], abs(values[k] + response * float(z[plan.var(k)])
-                                          - ref)) for k in counted}
+            ends = {k: values[k] + response * float(z[plan.var(k)]) - ref for k in counted}
+            slack = {k: max(slack[k], abs(ends[k])) for k in counted}
+            guard = {k: (min(guard[k][0], ends[k]), max(guard[k][1], ends[k]))
+                     for k in counted}
         if every_tied := (tied >= {k for k in targeted if k in values}):
             # no unit can reach the target, but a solve may still narrow the spread: one
             # with the guard on the mean of the final rates itself (the guards above sit on
@@ -218,14 +227,22 @@ def _worst(values: dict[Key, float], targeted: list[Key], tied: set[Key], t: flo
     return max(devs) if devs else 0.0
 
 
-def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed,
-           centre, done):
+def _guard(start: float, slack: float, noise: float, tol: float) -> tuple[float, float]:
+    """Where a unit that starts `start` (log) from the mean may end: within its start's
+    distance (`slack`), and on the far side of the mean CROSS_MARGIN standard errors of its
+    rate estimate closer (never closer than the tolerance)."""
+    far = max(slack - CROSS_MARGIN * noise, math.log1p(tol))
+    return (-far, slack) if start >= 0 else (-slack, far)
+
+
+def _solve(plan: Plan, values, targeted, counted, tied, slack, guard, response, t0, tol,
+           fixed, centre, done):
     """The bounded least-squares update; units that cannot reach the target become tied.
     The eps and scale bounds hold for the moves of all rounds together (`done` so far).
     Every unit stays as close to the mean as it started (`centre`, once chosen; until then
     the target): where tied units drag the mean of the final rates away from the target,
     the first round shifts the target until it does not (centre.py)."""
-    z, t = _fit(plan, values, targeted, counted, tied, slack, response, t0, tol, fixed, centre,
+    z, t = _fit(plan, values, targeted, counted, tied, guard, response, t0, tol, fixed, centre,
                 done)
     guarded = [k for k in counted if not (plan.all_fresh and k in plan.balanced)]
     for _ in range(2 if fixed is None else 0):
@@ -234,12 +251,12 @@ def _solve(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol
         if moved is None:
             break
         centre = moved[1]
-        z, t = _fit(plan, values, targeted, counted, tied, slack, response, t0, tol,
+        z, t = _fit(plan, values, targeted, counted, tied, guard, response, t0, tol,
                     moved[0], centre, done)
     return z, t, centre
 
 
-def _fit(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, fixed, centre,
+def _fit(plan: Plan, values, targeted, counted, tied, guard, response, t0, tol, fixed, centre,
          done):
     """One bounded least-squares solve (the target `fixed` if given), tying the units it
     leaves off target and solving again."""
@@ -264,7 +281,7 @@ def _fit(plan: Plan, values, targeted, counted, tied, slack, response, t0, tol, 
             boxes.append(Box({}, fixed, fixed, 1.0))
         for k in counted:  # nobody ends further from the mean (or target) than it started
             if k in values and not (plan.all_fresh and k in plan.balanced):
-                boxes.append(Box({plan.var(k): response}, -slack[k], slack[k],
+                boxes.append(Box({plan.var(k): response}, *guard[k],
                                  0.0 if centre is not None else -1.0,
                                  values[k] - (centre or 0.0)))
         z, t = solve(plan.basis, terms, boxes, t0)

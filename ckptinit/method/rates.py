@@ -36,6 +36,8 @@ class Rates:
 
     grad_sq: dict[str, torch.Tensor]  # unit -> (slices,) float64, on the CPU
     weight_sq: dict[str, torch.Tensor]
+    grad_sq_var: dict[str, torch.Tensor] | None = None  # variance of one draw's squared norm
+    draws: int = 1
 
     def rate(self, name: str) -> float:
         g, w = float(self.grad_sq[name].sum()), float(self.weight_sq[name].sum())
@@ -45,6 +47,19 @@ class Rates:
         g, w = self.grad_sq[name], self.weight_sq[name]
         return [math.sqrt(float(a) / float(b)) if float(b) > 0 else float("nan")
                 for a, b in zip(g, w)]
+
+    def log_rate_noise(self) -> dict[Key, float]:
+        """The standard error of each slice's log C from the spread of its draws:
+        0.5 * sd(one draw's squared norm) / (sqrt(draws) * mean), 0 with one draw."""
+        out: dict[Key, float] = {}
+        if self.grad_sq_var is None or self.draws < 2:
+            return out
+        for name, g in self.grad_sq.items():
+            sd = self.grad_sq_var[name].clamp_min(0).sqrt()
+            for s, (m, d) in enumerate(zip(g.tolist(), sd.tolist())):
+                if m > 0 and math.isfinite(d):
+                    out[(name, s)] = 0.5 * d / (math.sqrt(self.draws) * m)
+        return out
 
     def log_rates(self) -> dict[Key, float]:
         """log C per unit slice, for the slices that receive gradient."""
@@ -76,6 +91,7 @@ def estimate_rates(
     device = weights[0].device
     acc = {u.name: torch.zeros(slices.get(u.name, 1), dtype=torch.float64, device=device)
            for u in units}
+    acc2 = {n: torch.zeros_like(a) for n, a in acc.items()}  # for the draws' spread
     requires = [w.requires_grad for w in weights]
     used = max(1, min(draws, len(batches)))
     mine = draw_batches(draws, len(batches))  # draw j -> its batch (draw j: rank j % N)
@@ -96,19 +112,25 @@ def estimate_rates(
                 for u, grad in zip(units, grads):
                     if grad is not None:
                         parts = grad.detach().double().reshape(acc[u.name].numel(), -1)
-                        acc[u.name] += (parts * parts).sum(1)
+                        sq = (parts * parts).sum(1)
+                        acc[u.name] += sq
+                        acc2[u.name] += sq * sq
     finally:
         for w, r in zip(weights, requires):
             w.requires_grad_(r)
     names = [u.name for u in units]
     sizes = [acc[n].numel() for n in names]
-    flat = torch.cat([acc[n] for n in names])
+    flat = torch.cat([acc[n] for n in names] + [acc2[n] for n in names])
     all_reduce_sum_([flat])  # every rank's draws
     flat = (flat / draws).cpu()  # one transfer
-    grads_out = dict(zip(names, flat.split(sizes)))
+    mean, mean_sq = flat.chunk(2)
+    grads_out = dict(zip(names, mean.split(sizes)))
+    var = mean_sq - mean * mean
+    if draws > 1:
+        var = var * (draws / (draws - 1))
     weight_sq = dict(zip(names, torch.cat([_weight_sq(u.module, k) for u, k in zip(units, sizes)])
                          .cpu().split(sizes)))
-    return Rates(grads_out, weight_sq)
+    return Rates(grads_out, weight_sq, dict(zip(names, var.split(sizes))), draws)
 
 
 def adam_log_rates(units: list[Unit], slices: dict[str, int] | None = None) -> dict[Key, float]:

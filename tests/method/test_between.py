@@ -490,3 +490,19 @@ def test_loaded_weights_get_more_gradient_draws_than_fresh_ones(monkeypatch):
                             holdout=x[16:])
         assert seen and set(seen) == {want}, (fresh, seen)
         assert report.options["grad_batches"] == want
+
+
+def test_a_unit_that_crosses_the_mean_stops_short_of_its_start_distance():
+    """The guard lets a unit follow the target past the mean, but on the far side it ends
+    CROSS_MARGIN standard errors of its own estimate closer than it started: at exactly its
+    start's distance an independent measurement read a loaded convnext_atto's fc1 further
+    out in half of the checks. Its own side and the tolerance floor stay as they were."""
+    from ckptinit.method.between import CROSS_MARGIN, _guard
+
+    tol = 0.01
+    lo, hi = _guard(0.3, 0.3, 0.04, tol)
+    assert hi == 0.3 and abs(lo + 0.3 - CROSS_MARGIN * 0.04) < 1e-12
+    lo, hi = _guard(-0.3, 0.3, 0.04, tol)
+    assert lo == -0.3 and abs(hi - 0.3 + CROSS_MARGIN * 0.04) < 1e-12
+    assert _guard(0.02, 0.02, 0.05, tol) == (-math.log1p(tol), 0.02)  # the floor
+    assert _guard(0.3, 0.3, 0.0, tol) == (-0.3, 0.3)  # exact rates (Adam): symmetric
