@@ -224,11 +224,15 @@ def further_from_mean(before: dict, after: dict, keys: list[str],
     ks = [k for k in keys if before.get(k, 0) > 0 and after.get(k, 0) > 0]
     if not ks:
         return []
-    mb = sum(math.log(before[k]) for k in ks) / len(ks)
-    ma = sum(math.log(after[k]) for k in ks) / len(ks)
+    mb, ma = log_mean(before, ks), log_mean(after, ks)
     return [k for k in (ks if check is None else check)
             if before.get(k, 0) > 0 and after.get(k, 0) > 0
             and abs(math.log(after[k]) - ma) > abs(math.log(before[k]) - mb) + 0.05]
+
+
+def log_mean(r: dict[str, float], keys: list[str]) -> float:
+    """The mean log rate of `keys` (all with a positive rate)."""
+    return sum(math.log(r[k]) for k in keys) / len(keys)
 
 
 # ----------------------------------------------------------------------------- runs

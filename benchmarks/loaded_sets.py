@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -40,8 +39,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import archs  # noqa: E402  (the measuring code, shared with archs.py, not with ckptinit)
-
-ROOT = Path(__file__).resolve().parent.parent
+from photo_sets import calibrate, quadrant_boxes  # noqa: E402
 
 
 def group_of(key: str) -> str:
@@ -49,42 +47,32 @@ def group_of(key: str) -> str:
     return re.sub(r"\.\d+(?=[.\[]|$)", "", key)
 
 
-def rescale(arch: str, ck: Path, photos: list[Path], tmp: Path, tiles: bool
-            ) -> tuple[Path, dict]:
-    folder = tmp / "A"
+def tiles(photos: list[Path], folder: Path) -> list[Path]:
+    """The four quadrants of every photo, saved as images of their own."""
     folder.mkdir()
+    out = []
     for p in photos:
-        if not tiles:
-            (folder / p.name).symlink_to(p)
-            continue
         img = Image.open(p).convert("RGB")
-        w, h = img.size
-        for q, box in enumerate([(0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2),
-                                 (0, h // 2, w // 2, h), (w // 2, h // 2, w, h)]):
-            img.crop(box).save(folder / f"{p.stem}-q{q}.png")
-    out, rep = tmp / "after.safetensors", tmp / "after.json"
-    code, _, last = archs.ckptinit(
-        [str(ck), "--arch", arch, "--data", str(folder), "--images", "64", "--seed", "0",
-         "--device", "cpu", "-o", str(out), "--report", str(rep)],
-        dict(os.environ, PYTHONPATH=str(ROOT)))
-    if code != 0:
-        raise SystemExit(f"{arch}: exit {code}: {last}")
-    return out, json.loads(rep.read_text())
+        for q, box in enumerate(quadrant_boxes(img)):
+            out.append(folder / f"{p.stem}-q{q}.png")
+            img.crop(box).save(out[-1])
+    return out
 
 
 def deviations(r: dict[str, float], keys: list[str]) -> dict[str, float]:
     ks = [k for k in keys if r.get(k, 0) > 0]
-    mean = sum(math.log(r[k]) for k in ks) / len(ks)
+    mean = archs.log_mean(r, ks)
     return {k: math.log(r[k]) - mean for k in ks}
 
 
-def run(arch: str, draws: int, tiles: bool, tmp: Path) -> dict:
+def run(arch: str, draws: int, quartered: bool, tmp: Path) -> dict:
     torch.manual_seed(0)  # archs.py's draw of the trained-like weights
     before = archs.trained_like(timm.create_model(arch, pretrained=False), 1)
     ck = tmp / "trained.safetensors"
     save_file({k: v.contiguous() for k, v in before.state_dict().items()}, str(ck))
     paths = archs._sample_paths()
-    out, report = rescale(arch, ck, paths[::2], tmp, tiles)
+    cal = tiles(paths[::2], tmp / "tiles") if quartered else paths[::2]
+    out, report, _ = calibrate(arch, cal, tmp, "A", [str(ck), "--arch", arch])
     after = timm.create_model(arch, pretrained=False)
     after.load_state_dict(load_file(str(out)))
     keys, cfg = archs.movable_keys(report), before.pretrained_cfg
@@ -118,7 +106,7 @@ def run(arch: str, draws: int, tiles: bool, tmp: Path) -> dict:
             row[g] = round(sum(vals) / len(vals), 3)
         per_photo.append(row)
         print(json.dumps(row), flush=True)
-    return dict(arch=arch, calibration="A quadrants" if tiles else "A", units=len(keys),
+    return dict(arch=arch, calibration="A quadrants" if quartered else "A", units=len(keys),
                 checks=checks, per_photo=per_photo)
 
 

@@ -43,18 +43,29 @@ import archs  # noqa: E402  (the measuring code, shared with archs.py, not with 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def calibrate(arch: str, photos: list[Path], tmp: Path, tag: str) -> tuple[Path, dict, float]:
+def calibrate(arch: str, photos: list[Path], tmp: Path, tag: str,
+              source: list[str] | None = None) -> tuple[Path, dict, float]:
+    """`ckptinit rescale` (default settings, 64 images) on a folder of `photos`; `source`
+    replaces the fresh ARCH (a checkpoint and its --arch)."""
     folder = tmp / f"{arch}-{tag}"
     folder.mkdir()
     for p in photos:
         (folder / p.name).symlink_to(p)
     out, rep = tmp / f"{arch}-{tag}.safetensors", tmp / f"{arch}-{tag}.json"
     code, secs, last = archs.ckptinit(
-        [arch, "--data", str(folder), "--images", "64", "--seed", "0", "--device", "cpu",
-         "-o", str(out), "--report", str(rep)], dict(os.environ, PYTHONPATH=str(ROOT)))
+        [*(source or [arch]), "--data", str(folder), "--images", "64", "--seed", "0",
+         "--device", "cpu", "-o", str(out), "--report", str(rep)],
+        dict(os.environ, PYTHONPATH=str(ROOT)))
     if code != 0:
         raise SystemExit(f"{arch} on set {tag}: exit {code}: {last}")
     return out, json.loads(rep.read_text()), secs
+
+
+def quadrant_boxes(img: Image.Image) -> list[tuple[int, int, int, int]]:
+    """The four quadrants of an image (disjoint pixels), as PIL crop boxes."""
+    w, h = img.size
+    return [(0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2),
+            (0, h // 2, w // 2, h), (w // 2, h // 2, w, h)]
 
 
 def quadrants(paths: list[Path], folder: Path) -> tuple[dict, dict]:
@@ -64,9 +75,7 @@ def quadrants(paths: list[Path], folder: Path) -> tuple[dict, dict]:
     held = {"tA": [], "tB": []}
     for i, p in enumerate(paths):
         img = Image.open(p).convert("RGB")
-        w, h = img.size
-        boxes = [(0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2),
-                 (0, h // 2, w // 2, h), (w // 2, h // 2, w, h)]
+        boxes = quadrant_boxes(img)
         held["tA" if i % 2 == 0 else "tB"].append(img.crop(boxes[i % 4]))
         for j in range(1, 4):
             q = (i + j) % 4

@@ -124,22 +124,20 @@ def rescale_between_(
     targeted = [k for k in movable if k not in excluded and k not in plan.balanced]
     counted = [k for k in movable if k not in excluded]
     t0 = sum(first[k] for k in targeted) / len(targeted) if targeted else 0.0
-    slack = {k: max(abs(first[k] - t0), math.log1p(tol)) for k in counted}
     noise = {} if adam else rates_first.log_rate_noise()  # Adam's RMS(W) is exact
-    guard = {k: _guard(first[k] - t0, slack[k], noise.get(k, 0.0), tol) for k in counted}
+    guard = {k: _guard(first[k] - t0, noise.get(k, 0.0), tol) for k in counted}
     tied: set[Key] = set()
     target, iteration, converged, approx_moved = t0, 0, not targeted, False
     fixed = None  # the target, once the first solve has chosen it
     centre = None  # the mean the guards keep units near, where it is not the target
     done = torch.zeros(plan.basis.shape[0], dtype=torch.float64)  # the moves made so far
     while targeted:
-        z, target, centre = _solve(plan, values, targeted, counted, tied, slack, guard,
-                                   response, t0, tol, fixed, centre, done)
+        z, target, centre = _solve(plan, values, targeted, counted, tied, guard, response,
+                                   t0, tol, fixed, centre, done)
         if fixed is None:  # later rounds only correct approximate moves: no drifting target
             fixed = target
             ref = target if centre is None else centre
             ends = {k: values[k] + response * float(z[plan.var(k)]) - ref for k in counted}
-            slack = {k: max(slack[k], abs(ends[k])) for k in counted}
             guard = {k: (min(guard[k][0], ends[k]), max(guard[k][1], ends[k]))
                      for k in counted}
         if every_tied := (tied >= {k for k in targeted if k in values}):
@@ -227,16 +225,17 @@ def _worst(values: dict[Key, float], targeted: list[Key], tied: set[Key], t: flo
     return max(devs) if devs else 0.0
 
 
-def _guard(start: float, slack: float, noise: float, tol: float) -> tuple[float, float]:
+def _guard(start: float, noise: float, tol: float) -> tuple[float, float]:
     """Where a unit that starts `start` (log) from the mean may end: within its start's
-    distance (`slack`), and on the far side of the mean CROSS_MARGIN standard errors of its
-    rate estimate closer (never closer than the tolerance)."""
-    far = max(slack - CROSS_MARGIN * noise, math.log1p(tol))
-    return (-far, slack) if start >= 0 else (-slack, far)
+    distance (at least the tolerance), and on the far side of the mean CROSS_MARGIN
+    standard errors of its rate estimate closer (never closer than the tolerance)."""
+    near = max(abs(start), math.log1p(tol))
+    far = max(near - CROSS_MARGIN * noise, math.log1p(tol))
+    return (-far, near) if start >= 0 else (-near, far)
 
 
-def _solve(plan: Plan, values, targeted, counted, tied, slack, guard, response, t0, tol,
-           fixed, centre, done):
+def _solve(plan: Plan, values, targeted, counted, tied, guard, response, t0, tol, fixed,
+           centre, done):
     """The bounded least-squares update; units that cannot reach the target become tied.
     The eps and scale bounds hold for the moves of all rounds together (`done` so far).
     Every unit stays as close to the mean as it started (`centre`, once chosen; until then
@@ -247,7 +246,8 @@ def _solve(plan: Plan, values, targeted, counted, tied, slack, guard, response, 
     guarded = [k for k in counted if not (plan.all_fresh and k in plan.balanced)]
     for _ in range(2 if fixed is None else 0):
         ends = {k: v + response * float(z[plan.var(k)]) for k, v in values.items()}
-        moved = recentre(ends, targeted, tied, guarded, slack)
+        moved = recentre(ends, targeted, tied, guarded,
+                         {k: max(-lo, hi) for k, (lo, hi) in guard.items()})
         if moved is None:
             break
         centre = moved[1]
@@ -318,7 +318,7 @@ def _mean_guarded(plan: Plan, values, first, targeted, counted, response, t0,
         coef[plan.var(k)] = response
         for j in ks:
             coef[plan.var(j)] = coef.get(plan.var(j), 0.0) - response / len(ks)
-        a = first[k] - m_first  # not `slack`: the first solve widened it
+        a = first[k] - m_first  # not the guard: the first solve widened it
         # robust to RATE_NOISE in the start's estimate: a unit may cross the mean only to
         # 2 noises short of its start's distance, and one within a noise of it stays put
         inner = abs(a) - 2 * RATE_NOISE if abs(a) > RATE_NOISE else -abs(a)

@@ -36,8 +36,8 @@ class Rates:
 
     grad_sq: dict[str, torch.Tensor]  # unit -> (slices,) float64, on the CPU
     weight_sq: dict[str, torch.Tensor]
-    grad_sq_var: dict[str, torch.Tensor] | None = None  # variance of one draw's squared norm
-    draws: int = 1
+    # the standard error of grad_sq over the draws (None with one draw)
+    grad_sq_se: dict[str, torch.Tensor] | None = None
 
     def rate(self, name: str) -> float:
         g, w = float(self.grad_sq[name].sum()), float(self.weight_sq[name].sum())
@@ -49,16 +49,13 @@ class Rates:
                 for a, b in zip(g, w)]
 
     def log_rate_noise(self) -> dict[Key, float]:
-        """The standard error of each slice's log C from the spread of its draws:
-        0.5 * sd(one draw's squared norm) / (sqrt(draws) * mean), 0 with one draw."""
+        """The standard error of each slice's log C, from the scatter of its draws:
+        0.5 * se(grad_sq) / grad_sq (empty with one draw)."""
         out: dict[Key, float] = {}
-        if self.grad_sq_var is None or self.draws < 2:
-            return out
-        for name, g in self.grad_sq.items():
-            sd = self.grad_sq_var[name].clamp_min(0).sqrt()
-            for s, (m, d) in enumerate(zip(g.tolist(), sd.tolist())):
-                if m > 0 and math.isfinite(d):
-                    out[(name, s)] = 0.5 * d / (math.sqrt(self.draws) * m)
+        for name, se in (self.grad_sq_se or {}).items():
+            for s, (m, e) in enumerate(zip(self.grad_sq[name].tolist(), se.tolist())):
+                if m > 0 and math.isfinite(e):
+                    out[(name, s)] = 0.5 * e / m
         return out
 
     def log_rates(self) -> dict[Key, float]:
@@ -124,13 +121,13 @@ def estimate_rates(
     all_reduce_sum_([flat])  # every rank's draws
     flat = (flat / draws).cpu()  # one transfer
     mean, mean_sq = flat.chunk(2)
-    grads_out = dict(zip(names, mean.split(sizes)))
-    var = mean_sq - mean * mean
-    if draws > 1:
-        var = var * (draws / (draws - 1))
+    se = None
+    if draws > 1:  # the unbiased variance of one draw, over sqrt(draws)
+        se = dict(zip(names, ((mean_sq - mean * mean).clamp_min(0) / (draws - 1)).sqrt()
+                      .split(sizes)))
     weight_sq = dict(zip(names, torch.cat([_weight_sq(u.module, k) for u, k in zip(units, sizes)])
                          .cpu().split(sizes)))
-    return Rates(grads_out, weight_sq, dict(zip(names, var.split(sizes))), draws)
+    return Rates(dict(zip(names, mean.split(sizes))), weight_sq, se)
 
 
 def adam_log_rates(units: list[Unit], slices: dict[str, int] | None = None) -> dict[Key, float]:

@@ -500,9 +500,9 @@ def test_a_unit_that_crosses_the_mean_stops_short_of_its_start_distance():
     from ckptinit.method.between import CROSS_MARGIN, _guard
 
     tol = 0.01
-    lo, hi = _guard(0.3, 0.3, 0.04, tol)
+    lo, hi = _guard(0.3, 0.04, tol)
     assert hi == 0.3 and abs(lo + 0.3 - CROSS_MARGIN * 0.04) < 1e-12
-    lo, hi = _guard(-0.3, 0.3, 0.04, tol)
+    lo, hi = _guard(-0.3, 0.04, tol)
     assert lo == -0.3 and abs(hi - 0.3 + CROSS_MARGIN * 0.04) < 1e-12
-    assert _guard(0.02, 0.02, 0.05, tol) == (-math.log1p(tol), 0.02)  # the floor
-    assert _guard(0.3, 0.3, 0.0, tol) == (-0.3, 0.3)  # exact rates (Adam): symmetric
+    assert _guard(0.02, 0.05, tol) == (-math.log1p(tol), 0.02)  # the floor
+    assert _guard(0.3, 0.0, tol) == (-0.3, 0.3)  # exact rates (Adam): symmetric
