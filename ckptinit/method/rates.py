@@ -122,7 +122,7 @@ def estimate_rates(
     flat = (flat / draws).cpu()  # one transfer
     mean, mean_sq = flat.chunk(2)
     se = None
-    if draws > 1:  # the unbiased variance of one draw, over sqrt(draws)
+    if draws > 1:  # sqrt(unbiased variance of one draw / draws)
         se = dict(zip(names, ((mean_sq - mean * mean).clamp_min(0) / (draws - 1)).sqrt()
                       .split(sizes)))
     weight_sq = dict(zip(names, torch.cat([_weight_sq(u.module, k) for u, k in zip(units, sizes)])
