@@ -44,16 +44,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def calibrate(arch: str, photos: list[Path], tmp: Path, tag: str,
-              source: list[str] | None = None) -> tuple[Path, dict, float]:
-    """`ckptinit rescale` (default settings, 64 images) on a folder of `photos`; `source`
-    replaces the fresh ARCH (a checkpoint and its --arch)."""
+              source: list[str] | None = None, seed: int = 0) -> tuple[Path, dict, float]:
+    """`ckptinit rescale` (default settings, 64 images, `--seed seed`) on a folder of
+    `photos`; `source` replaces the fresh ARCH (a checkpoint and its --arch)."""
     folder = tmp / f"{arch}-{tag}"
     folder.mkdir()
     for p in photos:
         (folder / p.name).symlink_to(p)
     out, rep = tmp / f"{arch}-{tag}.safetensors", tmp / f"{arch}-{tag}.json"
     code, secs, last = archs.ckptinit(
-        [*(source or [arch]), "--data", str(folder), "--images", "64", "--seed", "0",
+        [*(source or [arch]), "--data", str(folder), "--images", "64", "--seed", str(seed),
          "--device", "cpu", "-o", str(out), "--report", str(rep)],
         dict(os.environ, PYTHONPATH=str(ROOT)))
     if code != 0:
