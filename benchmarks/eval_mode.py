@@ -32,6 +32,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import archs  # noqa: E402  (the measuring code, not ckptinit's)
@@ -46,27 +47,27 @@ def fit_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> N
     """Running statistics over every crop (cumulative average), affines untouched. The
     running variance averages within-batch variances, so it depends on `batch`: 64 is
     ckptinit's default --batch-size, so that both see the 64 crops as one batch."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for i in range(0, len(x), batch):
-        model(x[i : i + batch])
+    update_bn(x.split(batch), model)
     model.eval()
 
 
-def measure(model: torch.nn.Module, base_x: torch.Tensor, held: dict, size: int, cfg) -> dict:
-    base = float(archs.outputs(model, base_x).std())
-    per = {name: float(archs.outputs(model, archs.crops([img], 6, size, cfg["mean"],
-                                                        cfg["std"], 8765)).std()) / base
+def held_crops(held: dict[str, Image.Image], size: int, cfg) -> tuple[dict, torch.Tensor]:
+    """6 crops of each held-out photo, and 6 x len(held) crops of them pooled (D)."""
+    per = {name: archs.crops([img], 6, size, cfg["mean"], cfg["std"], 8765)
            for name, img in held.items()}
-    xd = archs.crops(list(held.values()), 6 * len(held), size, cfg["mean"], cfg["std"], 8765)
+    pooled = archs.crops(list(held.values()), 6 * len(held), size, cfg["mean"], cfg["std"], 8765)
+    return per, pooled
+
+
+def measure(model: torch.nn.Module, base_x: torch.Tensor, per_x: dict[str, torch.Tensor],
+            pooled_x: torch.Tensor) -> dict:
+    base = float(archs.outputs(model, base_x).std())
+    per = {name: float(archs.outputs(model, x).std()) / base for name, x in per_x.items()}
     worst = max(per, key=per.get)
     lo, hi = (float(archs.outputs(model, base_x * c).std()) for c in CONTRAST)
     gain = math.log(hi / lo) / math.log(CONTRAST[1] / CONTRAST[0])
     return dict(base=round(base, 4), contrast_gain=round(gain, 3),
-                ratio=round(float(archs.outputs(model, xd).std()) / base, 3),
+                ratio=round(float(archs.outputs(model, pooled_x).std()) / base, 3),
                 worst=worst, worst_ratio=round(per[worst], 3),
                 over_5x=sum(v > 5 for v in per.values()),
                 per_photo={k: round(v, 3) for k, v in per.items()})
@@ -93,6 +94,7 @@ def main() -> None:
         for arch in opts.archs:
             cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
             size = cfg["input_size"][-1]
+            per_x, pooled_x = held_crops(held, size, cfg)
             for cal in opts.sets:
                 photos = [Image.open(p).convert("RGB") for p in sets[cal]]
                 fit_x = archs.crops(photos, 64, size, cfg["mean"], cfg["std"], 1)
@@ -103,7 +105,7 @@ def main() -> None:
                     fit_batchnorm(model, fit_x)
                     rows.append(dict(arch=arch, calibrated_on=cal, seed=seed,
                                      init="timm + fitted BatchNorm statistics",
-                                     **measure(model, base_x, held, size, cfg)))
+                                     **measure(model, base_x, per_x, pooled_x)))
                     print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_photo"}),
                           flush=True)
                     out, report, _ = photo_sets.calibrate(arch, sets[cal], Path(tmp),
@@ -112,7 +114,7 @@ def main() -> None:
                     model.load_state_dict(load_file(str(out)))
                     rows.append(dict(arch=arch, calibrated_on=cal, seed=seed, init="ckptinit",
                                      reported_contrast_gain=report.get("output_contrast_gain"),
-                                     **measure(model.eval(), base_x, held, size, cfg)))
+                                     **measure(model.eval(), base_x, per_x, pooled_x)))
                     print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_photo"}),
                           flush=True)
                     out.unlink()
