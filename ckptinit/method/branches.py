@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
+from . import ops
 from .units import calibration_mode
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 ZERO = 1e-4  # a multiplier whose largest magnitude is below this starts its branch at zero
 _VIEWS = {"reshape", "view", "unsqueeze", "expand", "expand_as", "to", "flatten", "squeeze",
           "__getitem__", "contiguous", "type_as"}
-_MULS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"}
-_NORMS = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"}
 
 
 @torch.no_grad()
@@ -48,16 +46,16 @@ def zero_started_multipliers(model: nn.Module, sample: torch.Tensor) -> list[str
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            fn = getattr(func, "__name__", "")
-            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            fn = ops.op_name(func)
+            ins = ops.tensors_in((args, kwargs))
             if fn in _VIEWS and ins and name_of(ins[0]) and isinstance(out, torch.Tensor):
                 derived[id(out)] = name_of(ins[0])
                 keep.append(out)
-            elif fn in _MULS and len(ins) == 2:
+            elif fn in ops.MULTIPLY and len(ins) == 2:
                 names = [name_of(t) for t in ins]
                 if sum(n is not None for n in names) == 1:
                     found.append(next(n for n in names if n))
-            elif fn in _NORMS:
+            elif fn in ops.NORMS:
                 found.extend(n for t in ins[1:] if (n := params.get(id(t)))
                              and n.endswith("weight"))
             return out

@@ -23,41 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
-# op name -> rule; names are what TorchFunctionMode reports (functions and Tensor methods)
-HOMOGENEOUS = frozenset({
-    "relu", "relu_", "leaky_relu", "leaky_relu_", "max_pool1d", "max_pool2d", "max_pool3d",
-    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
-    "max_pool2d_with_indices", "adaptive_max_pool2d_with_indices", "_max_pool2d", "flatten",
-    "view", "reshape", "permute", "transpose", "t", "contiguous", "mean", "sum", "amax", "max",
-    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-    "squeeze", "unsqueeze", "__getitem__", "__get__", "clone", "float", "to", "type_as",
-    "expand", "expand_as", "repeat", "flip", "roll", "narrow", "select", "split", "chunk",
-    "unbind", "tensor_split", "neg", "__neg__", "abs", "half", "bfloat16", "double", "detach",
-    "reshape_as", "view_as", "movedim", "moveaxis", "swapaxes", "interpolate",
-    "upsample", "upsample_nearest2d", "upsample_bilinear2d", "pixel_shuffle", "pixel_unshuffle",
-    "unfold", "fold", "channel_shuffle", "masked_fill", "pad", "clamp", "clamp_", "clip",
-})
-LIKE = frozenset({"type_as", "expand_as", "view_as", "reshape_as", "to"})  # x.op(other)
-ADDITIVE = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
-                      "__rsub__", "__isub__", "cat", "concat", "concatenate", "stack", "hstack",
-                      "vstack", "where"})
-JOINING = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack"})
-MULTIPLY = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"})
-DIVIDE = frozenset({"div", "div_", "__truediv__", "__itruediv__", "true_divide"})
-PRODUCT = frozenset({"matmul", "__matmul__", "bmm", "mm", "einsum"})
-AFFINE = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
-                    "conv_transpose2d", "conv_transpose3d"})
-NORMS = frozenset({"layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm"})
-ATTENTION = frozenset({"scaled_dot_product_attention"})
-SCALE_FREE_OUT = frozenset({"normalize"})  # F.normalize: forgets the input scale, gives scale 0
-# activations close to homogeneous: on fresh nets a unit -> act -> unit pair may move through
-# them (the second unit then re-normalised), the paper's chain move for GELU/SiLU MLPs
-APPROX_HOMOGENEOUS = frozenset({"gelu", "silu", "hardswish", "elu", "mish", "selu", "celu"})
-_SLICE_SPLIT = frozenset({"unbind", "chunk", "split"})
-_SLICE_KEEP = frozenset({"reshape", "view", "permute", "contiguous", "transpose"})
+from . import ops
+
 _ATTR = "_ckptinit_scale"  # the scale variables of a traced tensor, set on the tensor itself
 _SRC = "_ckptinit_fused"  # (unit, its output) behind a tensor, while looking for fused slices
 
@@ -111,19 +79,6 @@ class ScaleGraph:
         self.pins.setdefault(var, why)
 
 
-def _tensors(obj) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
-
-
-def _numbers(op_args, op_kwargs) -> list[float]:
-    return [a for a in tree_flatten((op_args, op_kwargs))[0]
-            if isinstance(a, (int, float)) and not isinstance(a, bool)]
-
-
-def _name(func) -> str:
-    return getattr(func, "__name__", str(func))
-
-
 class _Union:
     def __init__(self) -> None:
         self.parent: list[int] = []
@@ -153,18 +108,18 @@ def find_fused_slices(model: nn.Module, sample: torch.Tensor, units: dict[str, n
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            name = _name(func)
-            ins = _tensors((args, kwargs))
+            name = ops.op_name(func)
+            ins = ops.tensors_in((args, kwargs))
             if name == "linear" and len(ins) > 1 and id(ins[1]) in weights:
                 if isinstance(out, torch.Tensor):
                     out.__dict__[_SRC] = (weights[id(ins[1])], out)
-            elif name in _SLICE_KEEP and ins and isinstance(out, torch.Tensor):
+            elif name in ops.SLICE_KEEP and ins and isinstance(out, torch.Tensor):
                 src = ins[0].__dict__.get(_SRC)
                 if src is not None:
                     out.__dict__[_SRC] = src
-            elif name in _SLICE_SPLIT and ins:
+            elif name in ops.SLICE_SPLIT and ins:
                 src = ins[0].__dict__.get(_SRC)
-                outs = _tensors(out)
+                outs = ops.tensors_in(out)
                 if src is not None and len(outs) in (2, 3):
                     unit, y = src
                     d = y.shape[-1] // len(outs)
@@ -247,8 +202,8 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
 
     def rule(name: str, args, kwargs, fins: list[torch.Tensor], outs: list[torch.Tensor]):
         ins = [vars_of(t) for t in fins]
-        numbers = _numbers(args, kwargs)
-        if name in AFFINE and len(fins) >= 2:
+        numbers = ops.numbers_in(args, kwargs)
+        if name in ops.AFFINE and len(fins) >= 2:
             xv, wv = one(ins[0]), ins[1]
             pname = params.get(id(fins[1]))
             unit = weight_unit.get(pname)
@@ -276,9 +231,9 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
                     unit_outs.extend(ov)
             give(outs, ov)
             return
-        if name in NORMS:
+        if name in ops.NORMS:
             xv = one(ins[0])
-            weight, bias = _norm_affine(name, args, kwargs)
+            weight, bias = ops.norm_affine(name, args, kwargs)
             given = [t for t in (weight, bias) if isinstance(t, torch.Tensor)]
             # a parameter or a computed tensor (ScaledStdConv's gain * scale): its scale
             affine = [one(vars_of(t)) for t in given]
@@ -318,43 +273,43 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
             norms.append((xv, kind, names, q, float(eps)))
             give(outs, [ov])
             return
-        if name in ATTENTION and len(ins) >= 3:
+        if name in ops.ATTENTION and len(ins) >= 3:
             q, k, v = (one(a) for a in ins[:3])
             rows.append({q: 1.0, k: 1.0} if q != k else {q: 2.0})
             fix(ins[3:], "attention mask")
             give(outs, [v])
             return
-        if name in _SLICE_SPLIT and len(ins) == 1 and len(ins[0]) == len(outs) > 1:
+        if name in ops.SLICE_SPLIT and len(ins) == 1 and len(ins[0]) == len(outs) > 1:
             for t, v in zip(outs, ins[0]):
                 give([t], [v])
             return
-        if name in _SLICE_KEEP and len(ins) == 1 and len(ins[0]) > 1:
+        if name in ops.SLICE_KEEP and len(ins) == 1 and len(ins[0]) > 1:
             give(outs, list(ins[0]))
             return
-        if name in LIKE and ins and len(fins) == 2:  # the other tensor gives a type or a shape
+        if name in ops.LIKE and ins and len(fins) == 2:  # the other tensor gives a type or a shape
             give(outs, [one(ins[0])])
             return
-        if name in HOMOGENEOUS and len(ins) == 1 and _homogeneous_args(name, args, kwargs):
+        if name in ops.HOMOGENEOUS and len(ins) == 1 and ops.homogeneous_args(name, args, kwargs):
             give(outs, [one(ins[0])])
             return
-        if name in JOINING and _bias_pieces(args, kwargs, fins):
+        if name in ops.JOINING and ops.bias_pieces(args, kwargs, fins):
             give(outs, [one(v) for v in ins])  # cat(q_bias, k_bias, v_bias): one per slice
             return
-        if (name in ADDITIVE and name not in JOINING and len(ins) > 1 and len(ins[0]) > 1
+        if (name in ops.ADDITIVE and name not in ops.JOINING and len(ins) > 1 and len(ins[0]) > 1
                 and all(len(v) == len(ins[0]) for v in ins)
                 and len({t.shape[-1] for t in fins}) == 1 and not numbers):
             for vs in zip(*ins):  # a fused output plus its per-slice bias: slice by slice
                 one(list(vs))
             give(outs, list(ins[0]))
             return
-        if name in ADDITIVE and ins and (name in JOINING or not any(n != 0 for n in numbers
+        if name in ops.ADDITIVE and ins and (name in ops.JOINING or not any(n != 0 for n in numbers
                                                                      if "alpha" not in kwargs)):
             vs = [one(v) for v in ins]
             for v in vs[1:]:
                 uf.union(vs[0], v)
             give(outs, [vs[0]])
             return
-        if (name in MULTIPLY and ins) or (name in PRODUCT and len(ins) in (1, 2)):
+        if (name in ops.MULTIPLY and ins) or (name in ops.PRODUCT and len(ins) in (1, 2)):
             ov = uf.new()  # log-scale of a product: the sum of its factors'
             row = {ov: 1.0}
             for v in (one(v) for v in ins):
@@ -363,7 +318,7 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
             factors[ov] = [one(v) for v in ins]
             give(outs, [ov])
             return
-        if name in DIVIDE and ins:
+        if name in ops.DIVIDE and ins:
             ov = uf.new()
             row = {ov: 1.0}
             vs = [one(v) for v in ins]
@@ -373,12 +328,12 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
             rows.append(row)
             give(outs, [ov])
             return
-        if name in SCALE_FREE_OUT and ins:
+        if name in ops.SCALE_FREE_OUT and ins:
             ov = uf.new()
             pins.append((ov, name))
             give(outs, [ov])
             return
-        if name in APPROX_HOMOGENEOUS and len(ins) == 1 and relax:
+        if name in ops.APPROX_HOMOGENEOUS and len(ins) == 1 and relax:
             v = one(ins[0])
             relaxed.append((v, name, producer.get(v)))
             give(outs, [v])
@@ -401,16 +356,16 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
     class Mode(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            name = _name(func)
+            name = ops.op_name(func)
             if name == "__setitem__" and len(args) == 3 and isinstance(args[0], torch.Tensor):
                 assign(args[0], args[2])
             out = func(*args, **kwargs)
             if name == "copy_" and len(args) >= 2 and isinstance(args[0], torch.Tensor):
                 assign(args[0], args[1])
                 return out
-            outs = [t for t in _tensors(out) if t.is_floating_point()]
+            outs = [t for t in ops.tensors_in(out) if t.is_floating_point()]
             if outs:
-                fins = [t for t in _tensors((args, kwargs)) if t.is_floating_point()]
+                fins = [t for t in ops.tensors_in((args, kwargs)) if t.is_floating_point()]
                 rule(name, args, kwargs, fins, outs)
             return out
 
@@ -420,7 +375,7 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
         pins.append((x.__dict__[_ATTR][0], "model input"))
         with Mode():
             y = model(x)
-    for t in _tensors(y):
+    for t in ops.tensors_in(y):
         for v in t.__dict__.get(_ATTR, []):
             pins.append((v, "model output"))
     # a relaxed activation must sit between two relaxed units (fc1 -> act -> fc2), or be a
@@ -440,44 +395,6 @@ def trace_scales(model: nn.Module, sample: torch.Tensor, units: dict[str, nn.Mod
         t.__dict__.pop(_ATTR, None)
     return _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, kept,
                     glu)
-
-
-_AFFINE_AT = {"batch_norm": 3, "instance_norm": 3, "layer_norm": 2, "group_norm": 2,
-              "rms_norm": 2}  # position of the weight argument; the bias follows (not rms)
-
-
-def _norm_affine(name: str, args, kwargs):
-    """The (weight, bias) arguments of a norm op, None where not given."""
-    i = _AFFINE_AT[name]
-    weight = kwargs.get("weight", args[i] if len(args) > i else None)
-    bias = None if name == "rms_norm" else kwargs.get("bias", args[i + 1]
-                                                     if len(args) > i + 1 else None)
-    return weight, bias
-
-
-def _bias_pieces(args, kwargs, fins: list[torch.Tensor]) -> bool:
-    """A 1-D concatenation of 2 or 3 equal parts: the bias of a fused kv/qkv projection kept
-    as separate parameters (timm's EVA, BEiT, SwinV2); each part keeps its own scale."""
-    dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else 0)
-    return (len(fins) in (2, 3) and dim in (0, -1) and all(t.dim() == 1 for t in fins)
-            and len({t.numel() for t in fins}) == 1)
-
-
-def _homogeneous_args(name: str, args, kwargs) -> bool:
-    """The argument-dependent cases: masked_fill by 0 or +-inf, zero padding, clamp(min=0)."""
-    nums = _numbers(args, kwargs)
-    if name == "masked_fill":
-        return all(n == 0 or math.isinf(n) for n in nums)
-    if name == "pad":
-        mode = kwargs.get("mode", args[2] if len(args) > 2 and isinstance(args[2], str) else
-                          "constant")
-        value = kwargs.get("value", args[3] if len(args) > 3 else 0)
-        return mode != "constant" or not value
-    if name in ("clamp", "clamp_", "clip"):
-        lo = kwargs.get("min", args[1] if len(args) > 1 else None)
-        hi = kwargs.get("max", args[2] if len(args) > 2 else None)
-        return lo == 0 and hi is None
-    return True
 
 
 def _compact(uf, rows, pins, pvar, slices, unit_in, unit_out, norms, bn_stats, relaxed,

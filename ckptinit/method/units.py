@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .._helpers import listing
-from .scales import AFFINE
+from .ops import AFFINE, MULTIPLY
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class _FlowFinder(TorchFunctionMode):
         gate = self.get(self.gated, tensors[0])
         if gate is not None and passes:
             self.gated[id(out)] = (out, gate)
-        if name in ("mul", "__mul__", "__rmul__", "mul_") and len(tensors) == 2:
+        if name in MULTIPLY and len(tensors) == 2:
             a, b = (self.get(self.gated, t) for t in tensors)
             if (a is None) != (b is None):  # a gate times the features it gates
                 unit, numel = a or b

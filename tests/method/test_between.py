@@ -452,8 +452,8 @@ def test_a_start_left_on_a_guard_edge_is_not_carried_past_it():
     holds. An earlier move leaves a unit on its guard's edge, a hair outside by round-off;
     that guard must still bind (skipping it let a loaded eva02's next move carry
     blocks.0.mlp.fc2 0.65 in log further from the mean)."""
-    from ckptinit.method.between import _share
     from ckptinit.method.solve import Box
+    from ckptinit.method.update import _share
 
     edge = Box({0: 1.0}, -2.3454374813, 2.0, 0.0, -2.3454374885)  # 7e-9 below its floor
     inside = Box({1: 1.0}, -1.0, 1.0, 0.0, 0.0)
@@ -497,12 +497,12 @@ def test_a_unit_that_crosses_the_mean_stops_short_of_its_start_distance():
     CROSS_MARGIN standard errors of its own estimate closer than it started: at exactly its
     start's distance an independent measurement read a loaded convnext_atto's fc1 further
     out in half of the checks. Its own side and the tolerance floor stay as they were."""
-    from ckptinit.method.between import CROSS_MARGIN, _guard
+    from ckptinit.method.update import CROSS_MARGIN, guard_bounds
 
     tol = 0.01
-    lo, hi = _guard(0.3, 0.04, tol)
+    lo, hi = guard_bounds(0.3, 0.04, tol)
     assert hi == 0.3 and abs(lo + 0.3 - CROSS_MARGIN * 0.04) < 1e-12
-    lo, hi = _guard(-0.3, 0.04, tol)
+    lo, hi = guard_bounds(-0.3, 0.04, tol)
     assert lo == -0.3 and abs(hi - 0.3 + CROSS_MARGIN * 0.04) < 1e-12
-    assert _guard(0.02, 0.05, tol) == (-math.log1p(tol), 0.02)  # the floor
-    assert _guard(0.3, 0.0, tol) == (-0.3, 0.3)  # exact rates (Adam): symmetric
+    assert guard_bounds(0.02, 0.05, tol) == (-math.log1p(tol), 0.02)  # the floor
+    assert guard_bounds(0.3, 0.0, tol) == (-0.3, 0.3)  # exact rates (Adam): symmetric
