@@ -39,10 +39,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckptinit.api import rescale
+from ckptinit.data import samples_dir
 from ckptinit.options import CalibrationOptions, RescaleOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "ckptinit" / "data" / "samples"
 RESULTS = ROOT / "benchmarks" / "results"
 TOL = 0.02  # issue 9 item 4: channel-averaged |mean - beta| and |std - 1|
 A_LIMIT = 4.5  # within-layer time / plain forward (issue 9, Must show)
@@ -57,7 +57,7 @@ def make_images(model: nn.Module, n: int, seed: int, size: int | None) -> torch.
     side = size or cfg["input_size"][-1]
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(cfg["std"]).view(3, 1, 1)
-    photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.jpg"))]
+    photos = [Image.open(p).convert("RGB") for p in sorted(samples_dir().glob("*.jpg"))]
     rng = np.random.default_rng(seed)
     out = torch.empty(n, 3, side, side)
     for i in range(n):
