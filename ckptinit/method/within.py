@@ -9,7 +9,8 @@ batch's entry by a fresh measurement, so what is left stale is only the drift of
 units below during one pass. Passes stop when no unit's rewrites over a whole pass,
 composed and channel-averaged, moved it by more than `tol` (its last rewrite alone stays
 small while the units below still drift), or after MAX_PASSES; depth never multiplies the
-cost (DESIGN 1.4). Statistics stay on the device in float64 and reach the host once, at
+cost (DESIGN 1.4). A unit that no unit called before it moved in the last pass is exact;
+later passes forward through it without measuring it again. Statistics stay on the device in float64 and reach the host once, at
 the end. A BatchNorm that reads a corrected output itself normalises it with the moments
 already known (fed_batchnorm.py) instead of measuring the batch again. Under torchrun each
 rank forwards its own batches and, before a unit's forward, absorbs the moments the other
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEAD_RTOL = 1e-5  # a channel whose std is below this fraction of the layer's median is dead
 MAX_PASSES = 5
+SETTLED = 1e-6  # a whole pass's correction this small is float rounding: the unit stayed put
 # A gate's logits (squeeze-excite, ECA) get this std instead of 1: the gate scales a whole
 # feature map per image, so with std-1 logits each gated block's gain depends on how varied
 # the images are, and that compounds over every gated block (efficientnet_b0 fresh, eval
@@ -187,6 +189,9 @@ class _State:
         relay = Relay(ranks, self.units[0].module.weight.device) if ranks.world > 1 else None
         self.next = {u.name: 0 for u in self.units}  # the next batch each unit absorbs
         self.moved = {}  # each unit's rewrites in this pass, composed: (scale, shift)
+        settled = set() if first or relay is not None else self._settled()
+        for name in settled:
+            self.change[name] = torch.zeros_like(self.change[name])
 
         def drawn(name: str, b: int) -> bool:  # its weights are drawn on this batch
             return first and b == 0 and draws.get(name, "keep") != "keep"
@@ -210,6 +215,9 @@ class _State:
                 return None
             seen.add(name)
             b = index[0]
+            if name in settled:  # exact already: its moments of this batch are known
+                fed.offer(z, self.entries[name][b])
+                return None
             batch = Moments.of(z, channel_dim(module))
             if relay is not None:
                 if drawn(name, b):
@@ -239,6 +247,20 @@ class _State:
                 self._catch_up(relay, u.module, len(batches), drawn, last)
             relay.flush()
         return torch.stack(self.largest).amax() if self.largest else torch.zeros(())
+
+    def _settled(self) -> set[str]:
+        """The units that no unit called before them moved in the last pass: it measured
+        them on their final inputs, so they are exact and a new pass would only measure
+        them again (vgg11's lower convs, one more each pass). One host transfer."""
+        if len(self.change) < len(self.units):
+            return set()
+        changes = torch.stack([self.change[u.name] for u in self.units]).tolist()
+        settled = set()
+        for u, change in zip(self.units, changes):  # call order
+            settled.add(u.name)
+            if change > SETTLED:
+                break
+        return settled
 
     def _absorb(self, module, b: int, batch: Moments, last: int):
         """Batch b's moments of the unit: rewrite it with the moments of every batch so far;

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch import nn
 
 from ckptinit.api import rescale
+from ckptinit.method import within
 from ckptinit.method.within import MAX_PASSES
 from ckptinit.options import RescaleOptions
 from tests.conftest import smooth_images
@@ -262,3 +265,37 @@ def test_a_unit_still_drifting_when_the_passes_stop_says_so():
         if dmean > 0.02 or dstd > 0.02:
             assert name in flagged, (name, dmean, dstd, report.within_passes)
     assert report.within_correction >= 0.5 * worst
+
+
+def test_units_the_last_pass_left_exact_are_not_measured_again(monkeypatch):
+    """A unit that no unit called before it moved in the last pass was measured on its final
+    inputs, so it is exact: later passes forward through it without measuring it (the lower
+    convs of a plain net, one more each pass). The weights are those of measuring every unit
+    in every pass, to float rounding."""
+    x = smooth_images(96, 32, seed=3)
+    opts = RescaleOptions(**WITHIN, batch_size=8)
+    measured: Counter[str] = Counter()
+    absorb = within._State._absorb
+
+    def counting(self, module, b, batch, last):
+        measured[self.names[module]] += 1
+        return absorb(self, module, b, batch, last)
+
+    torch.manual_seed(0)
+    full = DeepPlain()
+    with monkeypatch.context() as m:
+        m.setattr(within._State, "_settled", lambda self: set())
+        _, full_report = rescale(full, x, opts)
+    torch.manual_seed(0)
+    model = DeepPlain()
+    monkeypatch.setattr(within._State, "_absorb", counting)
+    _, report = rescale(model, x, opts)
+
+    batches, passes = 96 // 8, report.within_passes
+    names = [u.name for u in report.units]
+    assert passes == full_report.within_passes and passes >= 3
+    assert measured[names[0]] == batches  # the first pass only
+    assert measured[names[1]] == 2 * batches  # settled once the first one stayed put
+    assert measured[names[-1]] == passes * batches
+    for (name, a), b in zip(model.state_dict().items(), full.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
