@@ -4,18 +4,18 @@ One pass over the calibration batches: a pre-hook draws a unit's weights from it
 input, a forward hook measures its output, rewrites the unit and hands the corrected output
 to the rest of the pass, so every unit is measured on the outputs of the final units below
 it. With one batch that pass is exact. With several, each unit keeps the moments of every
-batch, mapped exactly through its own later corrections; a later pass replaces each
-batch's entry by a fresh measurement, so what is left stale is only the drift of the
-units below during one pass. Passes stop when no unit's rewrites over a whole pass,
-composed and channel-averaged, moved it by more than `tol` (its last rewrite alone stays
-small while the units below still drift), or after MAX_PASSES; depth never multiplies the
-cost (DESIGN 1.4). A unit that no unit called before it moved in the last pass is exact;
-later passes forward through it without measuring it again. Statistics stay on the device in float64 and reach the host once, at
-the end. A BatchNorm that reads a corrected output itself normalises it with the moments
-already known (fed_batchnorm.py) instead of measuring the batch again. Under torchrun each
-rank forwards its own batches and, before a unit's forward, absorbs the moments the other
-ranks measured on the batches before it (relayed by distributed.Relay): every rank makes
-the rewrites of one process, in the same order.
+batch, mapped exactly through its own later corrections; a later pass replaces each batch's
+entry by a fresh measurement, so what is left stale is only the drift of the units below
+during one pass. Passes stop when no unit's rewrites over a whole pass, composed and
+channel-averaged, moved it by more than `tol` (its last rewrite alone stays small while the
+units below still drift), or after MAX_PASSES; depth never multiplies the cost (DESIGN
+1.4). A unit that no unit called before it moved in the last pass is exact; later passes
+forward through it without measuring it again. Statistics stay on the device in float64 and
+reach the host once, at the end. A BatchNorm that reads a corrected output itself
+normalises it with the moments already known (fed_batchnorm.py) instead of measuring the
+batch again. Under torchrun each rank forwards its own batches and, before a unit's
+forward, absorbs the moments the other ranks measured on the batches before it (relayed by
+distributed.Relay): every rank makes the rewrites of one process, in the same order.
 """
 
 from __future__ import annotations
