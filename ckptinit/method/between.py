@@ -38,8 +38,8 @@ from .within import measure_outputs, normalize_within_, reestimate_batchnorm_
 
 log = logging.getLogger(__name__)
 
-SCALE_FREE = ("zero gradient: its one weight per channel is normalised away by the "
-              "BatchNorm after it")
+SCALE_FREE = ("zero gradient: one weight per channel reads data, and the BatchNorm after "
+              "it normalises that weight away")
 SCALE_FREE_RATE = 1e-2
 STALL = 0.1  # a solve that moves no rate by this share of the tolerance has nothing left
 

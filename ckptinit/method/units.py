@@ -152,6 +152,7 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
     bn_order: dict[str, int] = {}
     counter = [0]
     handles = []
+    depthwise: dict[str, tuple[int, ...]] = {}  # one input channel per group: input shape
 
     def unit_hook(name: str):
         def hook(module, args):
@@ -160,6 +161,10 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
             else:
                 seen[name] = Unit(name, module, order=counter[0])
                 counter[0] += 1
+                w = module.weight
+                if w.dim() > 2 and w.shape[1] == 1 and w[0].numel() > 1 and args and \
+                        isinstance(args[0], torch.Tensor):
+                    depthwise[name] = tuple(args[0].shape)
 
         return hook
 
@@ -186,7 +191,8 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
     if never:
         log.info("%d units are never called in the forward pass: %s", len(never), never[:5])
     scale_free = {u.name for u in units if u.name in flow.batch_normed
-                  and u.module.weight[0].numel() == 1}
+                  and (u.module.weight[0].numel() == 1 or u.name in depthwise
+                       and weights_reading_data(u.module, depthwise[u.name]) == 1)}
     called = {id(u.module.weight) for u in units}  # a weight tied to a called unit is seen
     functional = [n for n in never if id(candidates[n].weight) in flow.weights_used
                   and id(candidates[n].weight) not in called]
@@ -198,6 +204,35 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
     return UnitScan(units=units, never_called=never, batchnorm_order=bn_order,
                     gates=flow.gates, outputs=heads - {None}, scale_free=scale_free,
                     functional=functional)
+
+
+def weights_reading_data(module: nn.Module, shape: tuple[int, ...]) -> int:
+    """How many weights of an output channel of a conv with one input channel per group
+    ever multiply an input value, on inputs of `shape`: a tap that only meets zero padding
+    reads nothing (a 3x3 depthwise conv on a 1x1 map has one weight per channel that does:
+    efficientnet_b0's last stage at 32 px). Channel c gets a one-hot kernel at tap
+    c mod taps, on an image of ones: the tap reads data where that channel's output is not
+    zero. One conv forward (more only with fewer channels than taps)."""
+    w = module.weight
+    out_ch, taps = w.shape[0], w[0].numel()
+    channel = torch.arange(out_ch, device=w.device)
+    probe = torch.ones((1, *shape[1:]), dtype=w.dtype, device=w.device)
+    params = {} if module.bias is None else {"bias": torch.zeros_like(module.bias)}
+    reading: set[int] = set()
+    for start in range(0, taps, out_ch):
+        tap = (channel + start) % taps
+        kernel = torch.zeros(out_ch, taps, dtype=w.dtype, device=w.device)
+        kernel[channel, tap] = 1
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(
+                    module, {**params, "weight": kernel.view_as(w)}, (probe,))
+        except (RuntimeError, TypeError) as e:  # a unit that wants more than its input
+            log.debug("could not probe %s: %s", type(module).__name__, e)
+            return taps
+        hit = out.detach().flatten(2).abs().amax(2)[0] > 0
+        reading.update(tap[hit].tolist())
+    return len(reading)
 
 
 class _FlowFinder(TorchFunctionMode):

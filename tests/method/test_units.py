@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ckptinit.api import rescale
-from ckptinit.method.units import called_units, scan_units
+from ckptinit.method.units import called_units, scan_units, weights_reading_data
 from ckptinit.options import RescaleOptions
 from tests.conftest import smooth_images
 from tests.method.nets import movable, outputs, pretend_trained, rates, rel_change
@@ -129,3 +130,16 @@ def test_loaded_eva_keeps_its_function_with_its_qkv_seen():
     assert [s["slice"] for s in fc1.slices] == ["gate", "value"]
     assert set(movable(report)) <= set(rates(model, other, draws=2))
     assert not any(n.startswith("WARNING") for n in report.notes)
+
+
+@pytest.mark.parametrize("conv, side, reading", [
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8), 1, 1),  # only the centre tap meets data
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8), 2, 9),  # each tap meets data somewhere
+    (nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8), 2, 4),  # taps 2 and 3 per side
+    (nn.Conv2d(8, 8, 3, padding=0, groups=8), 5, 9),
+    (nn.Conv2d(2, 2, 3, padding=1, groups=2), 2, 9),  # fewer channels than taps
+    (nn.Conv2d(4, 8, 3, padding=1, groups=4, bias=True), 1, 1),  # a multiplier, a bias
+    (timm.layers.Conv2dSame(8, 8, 3, stride=2, groups=8), 1, 1),  # padding in forward
+])
+def test_weights_reading_data_counts_the_taps_that_meet_the_input(conv, side, reading):
+    assert weights_reading_data(conv, (2, conv.in_channels, side, side)) == reading
