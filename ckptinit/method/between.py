@@ -245,6 +245,7 @@ class _Scan:
     batchnorm_order: dict[str, int]
     gates: frozenset[str] = frozenset()  # every moved unit has an explicit goal
     outputs: frozenset[str] = frozenset()
+    shared: frozenset[str] = frozenset()
 
 
 def _fill_records(plan, records, first, values, target, tol, excluded, tied, norms_before,

@@ -26,6 +26,7 @@ _GATE_OPS = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "re
                        "hardtanh", "hardtanh_", "clamp", "clip"})
 _VIEW_OPS = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
                        "expand_as", "contiguous", "to", "float", "permute", "transpose"})
+_JOIN_OPS = frozenset({"cat", "concat", "concatenate"})
 _SHIFT_OPS = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "div", "__truediv__"})
 
 
@@ -68,6 +69,9 @@ class UnitScan:
     # never called, but their weight is used by functional code (F.linear(x, m.weight));
     # no hook sees them (timm's EVA/BEiT/SwinV2 qkv is made a called unit: called_units)
     functional: list[str] = field(default_factory=list)
+    # units whose weight something else uses too (another unit, functional code): a change
+    # to one of them reaches places the call order does not show
+    shared: set[str] = field(default_factory=set)
 
 
 @contextmanager
@@ -156,6 +160,7 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
 
     def unit_hook(name: str):
         def hook(module, args):
+            flow.active.append(name)
             if name in seen:
                 seen[name].calls += 1
             else:
@@ -180,7 +185,7 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
         handles.append(m.register_forward_pre_hook(unit_hook(name)))
     for name, m in bns.items():
         handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    flow = _FlowFinder()
+    flow = _FlowFinder({id(m.weight): n for n, m in candidates.items()})
     for name, m in candidates.items():
         handles.append(m.register_forward_hook(flow.unit_hook(name)))
     with removing(handles), torch.no_grad(), calibration_mode(model), flow:
@@ -201,9 +206,13 @@ def scan_units(model: nn.Module, sample: torch.Tensor) -> UnitScan:
                     "called (%s): no step can see their outputs, so they are left as they "
                     "are and what they feed cannot move", len(functional),
                     listing(functional, 3))
+    owners: dict[int, list[str]] = {}
+    for u in units:
+        owners.setdefault(id(u.module.weight), []).append(u.name)
+    shared = {n for names in owners.values() if len(names) > 1 for n in names}
     return UnitScan(units=units, never_called=never, batchnorm_order=bn_order,
                     gates=flow.gates, outputs=heads - {None}, scale_free=scale_free,
-                    functional=functional)
+                    functional=functional, shared=shared | flow.used_elsewhere)
 
 
 def weights_reading_data(module: nn.Module, shape: tuple[int, ...]) -> int:
@@ -242,16 +251,24 @@ class _FlowFinder(TorchFunctionMode):
     (squeeze-excite, ECA, CBAM; not a GLU, whose gate has the features' own shape); one
     whose output is the model's output is a head."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit_weights: dict[int, str]) -> None:
         super().__init__()
+        self.unit_weights = unit_weights  # id of a unit's weight -> the unit
+        self.active: list[str] = []  # the units whose forward is running, innermost last
+        self.used_elsewhere: set[str] = set()  # units whose weight an op outside them used
         self.logits: dict[int, tuple[torch.Tensor, str]] = {}
         self.gated: dict[int, tuple[torch.Tensor, tuple[str, int]]] = {}  # unit, gate numel
         self.gates: set[str] = set()
         self.batch_normed: set[str] = set()  # units whose output a BatchNorm normalises
         self.weights_used: set[int] = set()  # ids of the weights linear/conv ops were given
+        # unit outputs joined along channels (timm's MixedConv2d): every channel stays one
+        # unit's, so a BatchNorm of the join normalises each of them
+        self.joined: dict[int, tuple[torch.Tensor, list[str]]] = {}
 
     def unit_hook(self, name: str):
         def hook(module, args, out):
+            if self.active and self.active[-1] == name:
+                self.active.pop()
             if isinstance(out, torch.Tensor):
                 self.logits[id(out)] = (out, name)
 
@@ -263,13 +280,23 @@ class _FlowFinder(TorchFunctionMode):
         if name in AFFINE:
             weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
             self.weights_used.add(id(weight))
+            owner = self.unit_weights.get(id(weight))
+            if owner is not None and (not self.active or self.active[-1] != owner):
+                self.used_elsewhere.add(owner)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name in _JOIN_OPS and isinstance(out, torch.Tensor) and out.dim() > 1 and args:
+            dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
+            parts = [self.get(self.logits, t) for t in args[0]]
+            if isinstance(dim, int) and dim % out.dim() == 1 and parts and all(parts):
+                self.joined[id(out)] = (out, parts)
         if not tensors or not isinstance(out, torch.Tensor):
             return out
         passes = name in _VIEW_OPS or (name in _SHIFT_OPS and len(tensors) == 1)
         unit = self.get(self.logits, tensors[0])
         if unit is not None and name == "batch_norm":
             self.batch_normed.add(unit)
+        if name == "batch_norm":
+            self.batch_normed.update(self.get(self.joined, tensors[0]) or ())
         if unit is not None and name in _GATE_OPS:
             self.gated[id(out)] = (out, (unit, out.numel()))
         elif unit is not None and passes:

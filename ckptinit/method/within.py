@@ -123,7 +123,8 @@ def normalize_within_(
     gates = scan.gates - set(goals or {})  # explicit goals (the between step's) come first
     goals = {**{g: (beta, GATE_STD) for g in gates},
              **{h: (beta, head_std) for h in scan.outputs}, **(goals or {})}
-    state = _State(units, len(batches), beta, goals, gates)
+    state = _State(units, len(batches), beta, goals, gates,
+                   shared=bool(scan.shared))
     fed = FedBatchNorms(bns[n] for n in sorted(reest))
     passes, correction = 0, float("inf")
     try:
@@ -155,9 +156,10 @@ def normalize_within_(
 class _State:
     """Per-unit moments of every batch, and what the report needs, kept on the device."""
 
-    def __init__(self, units, n_batches: int, beta: float, goals: dict, gates: set[str]
-                 ) -> None:
+    def __init__(self, units, n_batches: int, beta: float, goals: dict, gates: set[str],
+                 shared: bool = False) -> None:
         self.units = units
+        self.shared = shared  # some unit's weight is used elsewhere too: nothing settles
         self.names = {u.module: u.name for u in units}
         self.entries: dict[str, list[Moments | None]] = {u.name: [None] * n_batches
                                                          for u in units}
@@ -251,8 +253,10 @@ class _State:
     def _settled(self) -> set[str]:
         """The units that no unit called before them moved in the last pass: it measured
         them on their final inputs, so they are exact and a new pass would only measure
-        them again (vgg11's lower convs, one more each pass). One host transfer."""
-        if len(self.change) < len(self.units):
+        them again (vgg11's lower convs, one more each pass). Not where a unit's weight is
+        used elsewhere too (tied weights, functional code): call order says nothing then.
+        One host transfer."""
+        if len(self.change) < len(self.units) or self.shared:
             return set()
         changes = torch.stack([self.change[u.name] for u in self.units]).tolist()
         settled = set()

@@ -143,3 +143,26 @@ def test_loaded_eva_keeps_its_function_with_its_qkv_seen():
 ])
 def test_weights_reading_data_counts_the_taps_that_meet_the_input(conv, side, reading):
     assert weights_reading_data(conv, (2, conv.in_channels, side, side)) == reading
+
+
+class MixedDepthwise(nn.Module):
+    """timm's MixedConv2d: channel groups through depthwise convs of two kernel sizes,
+    joined along channels, then one BatchNorm; on a 1x1 map each has one tap that reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw3 = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.dw5 = nn.Conv2d(4, 4, 5, padding=2, groups=4)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a, b = torch.split(self.stem(x), 4, 1)
+        return self.fc(self.bn(torch.cat([self.dw3(a), self.dw5(b)], 1)).mean((2, 3)))
+
+
+def test_depthwise_convs_joined_before_a_batchnorm_are_each_scale_free():
+    model = MixedDepthwise()
+    assert scan_units(model, torch.randn(4, 3, 1, 1)).scale_free == {"dw3", "dw5"}
+    assert scan_units(model, torch.randn(4, 3, 8, 8)).scale_free == set()
