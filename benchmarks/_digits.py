@@ -141,7 +141,11 @@ class VGGNoBN(nn.Module):
         return self.head(self.act2(self.fc2(self.act1(self.fc1(x)))))
 
 
-HEAD = {"vgg11": "head", "vgg19": "head", "resnet18": "fc", "vit": "head"}
+HEAD = {"vgg11": "head", "vgg19": "head", "resnet18": "fc", "vit": "head",
+        "convnext": "head.fc", "efficientnet": "classifier", "mobilenetv3": "classifier"}
+# the families issue 9 names beyond ResNet/VGG/ViT, as timm builds them (1 input channel)
+TIMM_FAMILIES = {"convnext": "convnext_atto", "efficientnet": "efficientnet_b0",
+                 "mobilenetv3": "mobilenetv3_small_100"}
 VIT_KW = dict(img_size=SIZE, patch_size=8, depth=4)  # patch 4: 4x the cost (11.7 s per epoch)
 
 
@@ -156,6 +160,8 @@ def make_net(name: str, num_classes: int = 10) -> nn.Module:
     if name == "vit":
         return timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, in_chans=1,
                                  **VIT_KW)
+    if name in TIMM_FAMILIES:
+        return timm.create_model(TIMM_FAMILIES[name], num_classes=num_classes, in_chans=1)
     raise ValueError(name)
 
 
@@ -194,6 +200,7 @@ CKPT_INITS = {
 }
 CNN_INITS = ["default", "normal001", "kaiming", "lsuv", "ckpt_within", "ckpt_default",
              "ckpt_kmeans"]
+FAMILY_INITS = ["default", "ckpt_default"]  # timm's own init against ckptinit's default
 VIT_INITS = ["default", "ckpt_default", "ckpt_adam"]
 INIT_LABELS = {
     "default": "framework default", "normal001": "N(0, 0.01)", "kaiming": "Kaiming (fan_in)",

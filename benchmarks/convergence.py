@@ -5,7 +5,8 @@
     python benchmarks/convergence.py --table benchmarks/results/convergence.json  # Markdown
 
 Nets: two VGG-style chains without BatchNorm (11 and 19 conv/linear layers), timm
-resnet18 (SGD, momentum 0.9) and a small timm ViT (AdamW). For every (net, init, seed)
+resnet18 (SGD, momentum 0.9) and a small timm ViT (AdamW); on request (--nets) timm's
+convnext_atto (AdamW), efficientnet_b0 and mobilenetv3_small_100 (SGD). For every (net, init, seed)
 the init runs once and a copy is trained at each learning rate of the grid, with the
 same number of steps for every init. Progress goes to stderr; results to JSON, plots
 to PNG. Same seeds -> same numbers (single-threaded, deterministic kernels, every
@@ -51,7 +52,19 @@ QUICK = {
                     weight_decay=0.01),
     },
 }
-COST = {"vgg11": 0.7, "vgg19": 1.4, "resnet18": 2.6, "vit": 2.9}  # s per epoch, to order
+# Not in the default run (--nets names them): ConvNeXt, EfficientNet and MobileNetV3 as timm
+# builds them, timm's own init against ckptinit's default; ConvNeXt with AdamW as it is
+# trained, and with --residual-init timm (its LayerScale gammas kept at 1e-6).
+FAMILIES = {
+    "convnext": dict(optimizer="adamw", lrs=[3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2], epochs=3,
+                     inits=[*D.FAMILY_INITS, "ckpt_timm_residual"], weight_decay=0.05),
+    "efficientnet": dict(optimizer="sgd", lrs=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3], epochs=3,
+                         inits=D.FAMILY_INITS),
+    "mobilenetv3": dict(optimizer="sgd", lrs=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3], epochs=3,
+                        inits=D.FAMILY_INITS),
+}
+COST = {"vgg11": 0.7, "vgg19": 1.4, "resnet18": 2.6, "vit": 2.9,  # s per epoch, to order
+        "convnext": 1, "efficientnet": 1, "mobilenetv3": 1}
 
 
 def build_tasks(cfg: dict) -> list[dict]:
@@ -276,7 +289,8 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one seed, fewer lrs, one epoch")
-    ap.add_argument("--nets", help="comma-separated subset of vgg11,vgg19,resnet18,vit")
+    ap.add_argument("--nets", help="comma-separated subset of vgg11,vgg19,resnet18,vit (the "
+                    "default run), convnext,efficientnet,mobilenetv3 (on request)")
     ap.add_argument("--inits", help="comma-separated subset of the inits")
     ap.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     ap.add_argument("--lrs", help="comma-separated learning rates for every net")
@@ -302,7 +316,8 @@ def main() -> None:
 
     cfg = copy.deepcopy(QUICK if args.quick else DEFAULT)
     if args.nets:
-        cfg["nets"] = {n: cfg["nets"][n] for n in args.nets.split(",")}
+        every = {**FAMILIES, **cfg["nets"]}
+        cfg["nets"] = {n: copy.deepcopy(every[n]) for n in args.nets.split(",")}
     if args.inits:
         keep = args.inits.split(",")  # any init _digits knows, in this order
         for nc in cfg["nets"].values():
