@@ -228,6 +228,7 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
     report.converged = result.converged
     report.function_check = result.check
     report.rate_floor, report.rate_floor_units = result.floor, result.floor_units
+    _warn_if_the_target_moved(result, report, options.optimizer)
     counts = {s: sum(u.between_status == s for u in report.units)
               for s in ("pinned", "excluded", "tied", "limited", "balanced")}
     spread_b, spread_a = (_g(report.rate_spread(w)) for w in ("before", "after"))
@@ -250,6 +251,28 @@ def _between(model, scan, batches, holdout, report, options, fresh, note, sample
     )
     report.timings["between"] = time.perf_counter() - t
     return plan
+
+
+TARGET_DRIFT = 100.0  # a common rate this many times off the starting rates' mean
+
+
+def _warn_if_the_target_moved(result, report, optimizer: str) -> None:
+    """The common rate should land near the median of the starting rates. Far from it,
+    most weights were rescaled a lot: the sign of units that cannot move (a weight a norm
+    normalises away, whose rate is round-off) dragging the target with them, as
+    efficientnet_b0's depthwise convs on 1x1 maps once did, silently."""
+    if not result.start or not result.target:
+        return
+    drift = result.target / result.start
+    if 1 / TARGET_DRIFT <= drift <= TARGET_DRIFT:
+        return
+    power = 1.0 if optimizer == "adam" else 0.5  # SGD's rate goes as 1/||W||^2
+    msg = (f"the common change rate ended {drift:.2g} times the median starting rate, so "
+           f"most weights were rescaled by about {drift ** -power:.2g}x: "
+           "units that cannot move (a weight a norm normalises away has a round-off rate) "
+           "may have dragged it; check the per-unit table for units far from the rest")
+    log.warning(msg[0].upper() + msg[1:] + ".")
+    report.notes.append("WARNING: " + msg)
 
 
 def _g(value: float | None) -> str:

@@ -53,6 +53,9 @@ class BetweenResult:
     batchnorms_reestimated: int = 0
     # the widest spread among units that every allowed move scales alike: no move goes below
     floor: float | None = None
+    # the median of the targeted units' starting rates (not a log): the target should land
+    # near it unless units that cannot move drag it (their own rates pull a mean too)
+    start: float | None = None
     floor_units: list[str] = field(default_factory=list)
 
 
@@ -177,8 +180,9 @@ def rescale_between_(
             f"tolerance {function_tol:g}; no checkpoint written. Report this model, or pass "
             "--allow-function-change to accept it.")
     floor, floor_units = _floor(plan, first, targeted)
-    return BetweenResult(iteration, converged, math.exp(target), check, reestimated, floor,
-                         floor_units)
+    start = math.exp(statistics.median(first[k] for k in targeted)) if targeted else None
+    return BetweenResult(iteration, converged, math.exp(target), check, reestimated,
+                         floor=floor, floor_units=floor_units, start=start)
 
 
 def confirmed_scale_free(names: Collection[str], log_rates: dict[Key, float]) -> set[Key]:

@@ -371,6 +371,24 @@ def test_a_depthwise_conv_on_a_1x1_map_is_left_out_and_does_not_drag_the_target(
     assert spread(after, keys) < spread(before, keys) / 10
 
 
+def test_a_target_dragged_far_from_the_starting_rates_is_warned_about(monkeypatch, caplog):
+    """The safety net behind the test above: were the 1x1-map depthwise convs not found
+    scale-free, their round-off rates would drag the common rate ~1e6 below the start
+    again; the run must then say so rather than report 'converged' alone."""
+    x = smooth_images(32, 32, seed=5)
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    _, report = rescale(model, x[:16], RescaleOptions(batch_size=16), holdout=x[16:])
+    assert not any("common change rate ended" in n for n in report.notes)
+    monkeypatch.setattr("ckptinit.method.between.confirmed_scale_free", lambda *a: set())
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    with caplog.at_level("WARNING", logger="ckptinit"):
+        _, report = rescale(model, x[:16], RescaleOptions(batch_size=16), holdout=x[16:])
+    assert any(n.startswith("WARNING: the common change rate ended") for n in report.notes)
+    assert "common change rate ended" in caplog.text
+
+
 class SiLUBN(nn.Module):
     """conv -> SiLU -> conv -> BN: a fresh pair moved through SiLU changes what the BN sees."""
 
